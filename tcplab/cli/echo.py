@@ -1,0 +1,71 @@
+"""``tcplab echo``: the Task 1 client, which is also the Task 2 chat client."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet.defer import Deferred
+
+from tcplab.cli.common import ClientOptions, connect, readStdin, writeStdout
+from tcplab.echoclient import EchoClient, InputLines, UDPEchoClient
+from tcplab.errors import ConnectFailed
+
+
+class Options(ClientOptions):
+    synopsis = "[--host H] [--port P] [--connect ENDPOINT] [--timeout S] [--udp] [MESSAGE ...]"
+    longdesc = (
+        "With MESSAGEs: send each as a line, print each echo, exit 0 once all came back. "
+        "Without: send stdin's lines and print everything the server sends (a chat client for "
+        "tcplab-multi); at end of input wait up to --timeout for the echoes still due."
+    )
+    optFlags = [["udp", "u", "Use UDP datagrams (one per message) instead of TCP."]]
+
+    def parseArgs(self, *messages: str) -> None:
+        self["messages"] = [line for m in messages for line in os.fsencode(m).split(b"\n")]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["udp"] and self["connect"]:
+            from twisted.python import usage
+
+            raise usage.UsageError("--udp takes --host/--port, not --connect")
+
+
+async def run(reactor: object, options: Options) -> None:
+    if options["udp"]:
+        await _runUDP(reactor, options)
+        return
+    client = EchoClient(writeStdout, reactor, options["timeout"])  # type: ignore[arg-type]
+    await connect(reactor, options, client)
+    if options["messages"]:
+        client.sendLines(options["messages"])
+        client.endInput()
+    else:
+        readStdin(reactor, InputLines(client))
+    await client.done
+
+
+async def _runUDP(reactor: object, options: Options) -> None:
+    messages = options["messages"]
+    if not messages:
+        messages = [line for line in os.read(0, 1 << 20).split(b"\n") if line] if not os.isatty(0) else []
+    try:
+        infos = socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise ConnectFailed(f"cannot resolve {options['host']}: {e.strerror}") from None
+    # IPv4 first: the servers bind IPv4 by default, and "localhost" often resolves to ::1 first.
+    family, _, _, _, address = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
+    client = UDPEchoClient(messages, writeStdout, reactor, options["timeout"])  # type: ignore[arg-type]
+    interface = "::" if family == socket.AF_INET6 else ""
+    port = reactor.listenUDP(0, client, interface=interface)  # type: ignore[attr-defined]
+    port.connect(address[0], address[1])
+    client.send()
+    try:
+        await client.done
+    finally:
+        await Deferred.fromCoroutine(_stop(port))
+
+
+async def _stop(port: object) -> None:
+    port.stopListening()  # type: ignore[attr-defined]

@@ -1,0 +1,97 @@
+"""What can go wrong for a client, as exceptions that carry their exit code.
+
+The CLI is the one place that turns these into a line on stderr and an exit
+status; protocol code only raises or errbacks with them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from twisted.internet import error as ierror
+from twisted.python.failure import Failure
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of the ``tcplab`` command (documented in README)."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONNECT = 3
+    LOST = 4
+    TIMEOUT = 5
+    LOCAL_FILE = 6
+    REFUSED = 7
+    EXISTS = 8
+    VERIFY = 9
+    INTERRUPTED = 130
+
+
+class TcplabError(Exception):
+    """An error the user should read as one line; ``code`` is the exit status."""
+
+    code = ExitCode.FAILURE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageProblem(TcplabError):
+    code = ExitCode.USAGE
+
+
+class ConnectFailed(TcplabError):
+    code = ExitCode.CONNECT
+
+
+class ConnectionLostError(TcplabError):
+    code = ExitCode.LOST
+
+
+class TimedOut(TcplabError):
+    code = ExitCode.TIMEOUT
+
+
+class LocalFileError(TcplabError):
+    code = ExitCode.LOCAL_FILE
+
+
+class RefusedByServer(TcplabError):
+    code = ExitCode.REFUSED
+
+
+class AlreadyExists(TcplabError):
+    code = ExitCode.EXISTS
+
+
+class VerificationFailed(TcplabError):
+    code = ExitCode.VERIFY
+
+
+def connectFailure(failure: Failure, where: str) -> TcplabError:
+    """Turn a failed ``endpoint.connect`` into one line that says what to check."""
+    if failure.check(TcplabError):
+        return failure.value  # type: ignore[return-value]
+    if failure.check(ierror.ConnectionRefusedError):
+        return ConnectFailed(f"connection to {where} refused: is the server running on that port?")
+    if failure.check(ierror.DNSLookupError):
+        return ConnectFailed(f"cannot resolve the host of {where}: check the name")
+    if failure.check(ierror.TimeoutError):
+        return TimedOut(f"connecting to {where} timed out: is the host reachable?")
+    if failure.check(ierror.NoRouteError):
+        return ConnectFailed(f"no route to {where}: check the address and network")
+    if failure.check(ierror.SSLError):
+        return ConnectFailed(f"TLS handshake with {where} failed: {_reason(failure)}")
+    if failure.check(ierror.ConnectError, OSError):
+        return ConnectFailed(f"cannot connect to {where}: {_reason(failure)}")
+    return ConnectFailed(f"cannot connect to {where}: {_reason(failure)}")
+
+
+def _reason(failure: Failure) -> str:
+    text = failure.getErrorMessage().strip() or failure.type.__name__
+    return " ".join(text.split())

@@ -1,0 +1,19 @@
+"""Readable names for transport addresses, for logs and for chat names."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+
+def describeAddress(address: object) -> str:
+    """``127.0.0.1:5000``, ``[::1]:5000`` or ``unix:/path`` (``unix`` for an unnamed socket)."""
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "backslashreplace")
+        return f"unix:{name}" if name else "unix"
+    return str(address)

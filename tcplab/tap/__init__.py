@@ -1,0 +1,1 @@
+"""twistd glue: each module holds the ``Options`` and ``makeService`` for one server."""

@@ -1,0 +1,67 @@
+"""``twistd tcplab-echo``: RFC 862 echo on TCP, and on UDP with ``--udp``."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet.interfaces import IListeningPort
+from twisted.python import usage
+
+from tcplab.echo import EchoFactory, UDPEcho
+from tcplab.tap.options import ListeningService, ServerOptions, floatOption
+
+
+class Options(ServerOptions):
+    synopsis = "[--port 7000] [--interface ADDR] [--listen ENDPOINT]... [--udp]"
+    longdesc = "Echo every byte back (RFC 862). A client that does not read is not read from."
+    defaultPort = 7000
+
+    optFlags = [["udp", "u", "Also echo UDP datagrams on the same port number."]]
+    optParameters = [
+        ["udp-rate", None, "100", "UDP replies per second per source address."],
+        ["udp-burst", None, "200", "UDP replies a source may get in one burst."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self["udp-rate"] = floatOption("--udp-rate", self["udp-rate"], 0.001, 1e9)
+        self["udp-burst"] = floatOption("--udp-burst", self["udp-burst"], 1, 1e9)
+
+
+class EchoService(service.MultiService):
+    """The TCP listeners, plus a UDP echo bound to the first TCP port's number."""
+
+    def __init__(self, options: Options, reactor: object = None) -> None:
+        super().__init__()
+        from twisted.internet import reactor as defaultReactor
+
+        self.reactor = reactor or defaultReactor
+        self.options = options
+        self.factory = EchoFactory()
+        self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
+        self.tcp.setServiceParent(self)
+        self.udp: UDPEcho | None = None
+        self.udpPort: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.options["udp"]:
+            return
+        host = self.tcp.ports[0].getHost() if self.tcp.ports else None
+        port = getattr(host, "port", None)
+        if port is None:
+            raise usage.UsageError("--udp needs a TCP listener to take its port number from")
+        interface = getattr(host, "host", "")
+        self.udp = UDPEcho(self.options["udp-rate"], self.options["udp-burst"], self.reactor.seconds)
+        self.udpPort = self.reactor.listenUDP(port, self.udp, interface=interface)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        if self.udpPort is not None:
+            self.udpPort.stopListening()
+            self.udpPort = None
+        return super().stopService()
+
+
+def makeService(options: Options) -> EchoService:
+    service_ = EchoService(options)
+    service_.setName("tcplab-echo")
+    return service_
