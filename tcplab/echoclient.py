@@ -148,7 +148,7 @@ class UDPEchoClient(DatagramProtocol):
     def connectionRefused(self) -> None:
         if not self.done.called:
             self._stop()
-            self.done.errback(ConnectFailed("UDP echo refused (ICMP port unreachable): is the server running with --udp?"))
+            self.done.errback(ConnectFailed("UDP echo refused (port unreachable): is the server running with --udp?"))
 
     def _finish(self) -> None:
         self._stop()

@@ -32,7 +32,9 @@ def _commandOptions(module: str) -> type[usage.Options]:
 
 class Options(usage.Options):
     synopsis = "tcplab COMMAND [options]   (tcplab COMMAND --help for each)"
-    longdesc = "Clients for the tcplab servers. Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
+    longdesc = "Clients for the tcplab servers. Exit codes: " + ", ".join(
+        f"{c.value} {c.name.lower()}" for c in ExitCode
+    )
 
     @property
     def subCommands(self):  # type: ignore[no-untyped-def]
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
     try:
         task.react(_run)
-    except SystemExit as e:
+    except SystemExit:
         if not finished:
             _fail("tcplab: interrupted", ExitCode.INTERRUPTED)
         raise

@@ -9,9 +9,9 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 log = Logger()
 

@@ -1,0 +1,75 @@
+"""Helpers for tests that run tcplab the way users do: as processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
+TCPLAB = [sys.executable, "-m", "tcplab"]
+
+
+def childEnv() -> dict[str, str]:
+    """The environment for child processes, with this checkout importable."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class ServerProcess:
+    """``twistd -n <plugin> ...`` in a child process, with the TCP port it bound."""
+
+    def __init__(self, plugin: str, *argv: str, timeout: float = 20.0) -> None:
+        self.process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", plugin, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=childEnv(),
+        )
+        self.log: list[str] = []
+        self.port = self._waitForPort(timeout)
+
+    def _waitForPort(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline().decode("utf-8", "replace")
+            if not line:
+                break
+            self.log.append(line)
+            match = re.search(r"starting on (\d+)", line)
+            if match:
+                return int(match.group(1))
+        self.stop()
+        raise RuntimeError("server did not start:\n" + "".join(self.log))
+
+    def rss(self) -> int:
+        """Resident memory of the server, in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                out, _ = self.process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                out, _ = self.process.communicate()
+            self.log.append(out.decode("utf-8", "replace"))
+        return "".join(self.log)
+
+
+def runTcplab(*argv: str, input: bytes | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
+    """Run the ``tcplab`` command and capture what it prints."""
+    return subprocess.run(
+        [*TCPLAB, *argv], input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True, timeout=timeout, env=childEnv(),
+    )

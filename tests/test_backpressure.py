@@ -1,0 +1,62 @@
+"""A client that writes but never reads must not grow the echo server (real sockets)."""
+
+from __future__ import annotations
+
+import hashlib
+import selectors
+import socket
+import time
+
+from twisted.trial import unittest
+
+from tests.support import ServerProcess
+
+MiB = 1 << 20
+
+
+class NonReadingClientTests(unittest.TestCase):
+    def test_serverStopsReadingAndLosesNothing(self) -> None:
+        """Push up to 256 MiB without reading: the server stops taking bytes long before,
+        its memory stays flat, and once we read, every byte pushed comes back in order."""
+        server = ServerProcess("tcplab-echo", "--port", "0", "--interface", "127.0.0.1")
+        self.addCleanup(server.stop)
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        before = server.rss()
+        chunk = bytes(range(256)) * 256
+        sent = hashlib.sha256()
+        pushed = 0
+        stalledSince = None
+        deadline = time.monotonic() + 20
+        while pushed < 256 * MiB and time.monotonic() < deadline:
+            try:
+                n = sock.send(chunk)
+            except BlockingIOError:
+                stalledSince = stalledSince or time.monotonic()
+                if time.monotonic() - stalledSince > 1.0:
+                    break
+                time.sleep(0.01)
+                continue
+            sent.update(chunk[:n])
+            pushed += n
+            stalledSince = None
+        grown = server.rss() - before
+        self.assertLess(pushed, 64 * MiB, "the server kept reading from a client that does not read")
+        self.assertLess(grown, 32 * MiB, f"server grew by {grown / MiB:.1f} MiB")
+
+        received = hashlib.sha256()
+        got = 0
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + 20
+        while got < pushed and time.monotonic() < deadline:
+            if selector.select(timeout=1):
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                received.update(data)
+                got += len(data)
+        selector.close()
+        self.assertEqual(got, pushed)
+        self.assertEqual(received.hexdigest(), sent.hexdigest())

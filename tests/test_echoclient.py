@@ -1,0 +1,164 @@
+"""The ``tcplab echo`` client: protocol logic with fake transports, exit codes as a process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from tcplab.echoclient import EchoClient, InputLines
+from tcplab.errors import ConnectionLostError, ExitCode, TimedOut
+from tests.support import ServerProcess, runTcplab
+
+
+def connectedClient(timeout: float = 5) -> tuple[EchoClient, StringTransport, Clock, list[bytes]]:
+    out: list[bytes] = []
+    clock = Clock()
+    client = EchoClient(out.append, clock, timeout)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    return client, transport, clock, out
+
+
+class EchoClientTests(unittest.TestCase):
+    def test_doneWhenAllEchoesCameBack(self) -> None:
+        client, transport, clock, out = connectedClient()
+        client.sendLines([b"hello", b"w\xc3\xb6rld"])
+        client.endInput()
+        self.assertEqual(transport.value(), b"hello\nw\xc3\xb6rld\n")
+        self.assertNoResult(client.done)
+        data = b"hello\nw\xc3\xb6rld\n"
+        for byte in range(len(data)):
+            client.dataReceived(data[byte : byte + 1])
+        self.successResultOf(client.done)
+        self.assertEqual(b"".join(out), data)
+        self.assertTrue(transport.disconnecting)
+
+    def test_unsolicitedLinesArePrintedNotCounted(self) -> None:
+        """Against tcplab-multi, other clients' lines arrive between our echoes."""
+        client, transport, clock, out = connectedClient()
+        client.sendLines([b"mine"])
+        client.endInput()
+        client.dataReceived(b"[127.0.0.1:4000] theirs\n")
+        self.assertNoResult(client.done)
+        client.dataReceived(b"mine\n")
+        self.successResultOf(client.done)
+        self.assertEqual(out, [b"[127.0.0.1:4000] theirs\n", b"mine\n"])
+
+    def test_timeoutWhenEchoesMissing(self) -> None:
+        client, transport, clock, out = connectedClient(timeout=3)
+        client.sendLines([b"a", b"b"])
+        client.endInput()
+        clock.advance(2)
+        client.dataReceived(b"a\n")
+        clock.advance(2.9)
+        self.assertNoResult(client.done)
+        clock.advance(0.2)
+        failure = self.failureResultOf(client.done, TimedOut)
+        self.assertIn("1 line still due", str(failure.value))
+        self.assertEqual(failure.value.code, ExitCode.TIMEOUT)
+
+    def test_connectionLostWithEchoesDue(self) -> None:
+        client, transport, clock, out = connectedClient()
+        client.sendLines([b"a"])
+        client.endInput()
+        client.connectionLost(None)
+        failure = self.failureResultOf(client.done, ConnectionLostError)
+        self.assertIn("1 echo still due", str(failure.value))
+
+    def test_stdinLinesFeedTheClient(self) -> None:
+        client, transport, clock, out = connectedClient()
+        lines = InputLines(client)
+        lines.dataReceived(b"one\ntw")
+        lines.dataReceived(b"o\nthree")
+        lines.connectionLost(None)
+        self.assertEqual(transport.value(), b"one\ntwo\nthree\n")
+        self.assertTrue(client.inputEnded)
+        client.dataReceived(b"one\ntwo\nthree\n")
+        self.successResultOf(client.done)
+
+
+class CommandTests(unittest.TestCase):
+    """``tcplab echo`` as a user runs it, against ``twistd -n tcplab-echo``."""
+
+    def setUp(self) -> None:
+        self.server = ServerProcess("tcplab-echo", "--port", "0", "--interface", "127.0.0.1", "--udp")
+        self.addCleanup(self.server.stop)
+
+    def test_messagesComeBack(self) -> None:
+        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello", "wörld")
+        self.assertEqual((result.returncode, result.stdout), (0, "hello\nwörld\n".encode()))
+        self.assertEqual(result.stderr, b"")
+
+    def test_stdinLinesComeBack(self) -> None:
+        data = b"".join(b"line %d \x00\xff\n" % i for i in range(2000))
+        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), input=data)
+        self.assertEqual((result.returncode, result.stdout), (0, data))
+
+    def test_firstContactIsLogged(self) -> None:
+        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello")
+        self.assertEqual(result.returncode, 0)
+        log = self.server.stop()
+        self.assertRegex(log, r"connection from 127\.0\.0\.1:\d+")
+        self.assertRegex(log, r"127\.0\.0\.1:\d+ disconnected, 6 bytes echoed")
+
+    def test_udp(self) -> None:
+        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(result.stdout.splitlines()), [b"ping", b"pong"])
+
+    def test_refused(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+        self.assertEqual(result.returncode, ExitCode.CONNECT)
+        self.assertEqual(result.stderr.count(b"\n"), 1)
+        self.assertIn(b"refused", result.stderr)
+
+    def test_unknownHost(self) -> None:
+        result = runTcplab("echo", "--host", "no-such-host.invalid", "hi")
+        self.assertEqual(result.returncode, ExitCode.CONNECT)
+        self.assertIn(b"cannot resolve", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_timeout(self) -> None:
+        """A server that accepts but never answers: exit TIMEOUT after --timeout."""
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            port = silent.getsockname()[1]
+            result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
+        self.assertEqual(result.returncode, ExitCode.TIMEOUT)
+        self.assertIn(b"no echo for 0.5s", result.stderr)
+
+    def test_connectionLost(self) -> None:
+        """A server that accepts and hangs up at once: exit LOST."""
+        with socket.socket() as rude:
+            rude.bind(("127.0.0.1", 0))
+            rude.listen()
+            port = rude.getsockname()[1]
+            def hangUp() -> None:
+                conn, _ = rude.accept()
+                conn.close()
+
+            thread = threading.Thread(target=hangUp, daemon=True)
+            thread.start()
+            result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+            thread.join(5)
+        self.assertEqual(result.returncode, ExitCode.LOST)
+        self.assertIn(b"closed the connection", result.stderr)
+
+    def test_usageErrors(self) -> None:
+        for argv in (["echo", "--port", "nope"], ["echo", "--bogus"], [], ["frobnicate"]):
+            result = runTcplab(*argv)
+            self.assertEqual(result.returncode, ExitCode.USAGE, argv)
+            self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
+
+    def test_version(self) -> None:
+        result = runTcplab("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertTrue(result.stdout.startswith(b"tcplab "))
