@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
 
 from twisted.internet.task import Clock
@@ -11,7 +13,7 @@ from twisted.trial import unittest
 
 from tcplab.echoclient import EchoClient, InputLines
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut
-from tests.support import ServerProcess, runTcplab
+from tests.support import TCPLAB, ServerProcess, childEnv, runTcplab
 
 
 def connectedClient(timeout: float = 5) -> tuple[EchoClient, StringTransport, Clock, list[bytes]]:
@@ -151,6 +153,23 @@ class CommandTests(unittest.TestCase):
             thread.join(5)
         self.assertEqual(result.returncode, ExitCode.LOST)
         self.assertIn(b"closed the connection", result.stderr)
+
+    def test_interruptedIsNotSuccess(self) -> None:
+        """Ctrl-C in the middle of a chat session exits 130, not 0."""
+        process = subprocess.Popen(
+            [*TCPLAB, "echo", "--host", "127.0.0.1", "--port", str(self.server.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=childEnv(),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+        )
+        self.addCleanup(process.kill)
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(b"hi\n")
+        process.stdin.flush()
+        self.assertEqual(process.stdout.readline(), b"hi\n")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        self.assertEqual(process.returncode, ExitCode.INTERRUPTED)
+        self.assertEqual(err, b"tcplab: interrupted\n")
 
     def test_usageErrors(self) -> None:
         for argv in (["echo", "--port", "nope"], ["echo", "--bogus"], [], ["frobnicate"]):

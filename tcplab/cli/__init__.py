@@ -65,22 +65,27 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except TcplabError as e:
         _fail(f"tcplab: {e}", e.code)
     module = importlib.import_module(COMMANDS[options.subCommand][0])
-    finished = False
+    finished = interrupted = False
 
     def _run(reactor: object) -> Deferred[None]:
-        d = ensureDeferred(module.run(reactor, options.subOptions))
+        def onShutdown() -> None:
+            nonlocal interrupted
+            interrupted = not finished
 
         def done(result: object) -> object:
             nonlocal finished
             finished = True
             return result
 
-        return d.addBoth(done).addErrback(_exitFor)
+        # A signal stops the reactor, which closes stdin and connections: that must
+        # not pass for success, whatever the command makes of it.
+        reactor.addSystemEventTrigger("before", "shutdown", onShutdown)  # type: ignore[attr-defined]
+        return ensureDeferred(module.run(reactor, options.subOptions)).addBoth(done).addErrback(_exitFor)
 
     try:
         task.react(_run)
     except SystemExit:
-        if not finished:
+        if interrupted or not finished:
             _fail("tcplab: interrupted", ExitCode.INTERRUPTED)
         raise
     raise AssertionError("react returned")  # pragma: no cover
