@@ -167,6 +167,7 @@ class CommandTests(unittest.TestCase):
         process.stdin.flush()
         self.assertEqual(process.stdout.readline(), b"hi\n")
         process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
         _, err = process.communicate(timeout=10)
         self.assertEqual(process.returncode, ExitCode.INTERRUPTED)
         self.assertEqual(err, b"tcplab: interrupted\n")
