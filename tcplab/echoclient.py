@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 
-from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut
+from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut, tlsFailure
 
 Output = Callable[[bytes], None]
 
@@ -69,6 +69,8 @@ class EchoClient(Protocol):
             due = len(self.pending)
             if self.inputEnded and not due:
                 self.done.callback(None)
+            elif (tls := tlsFailure(reason)) is not None:
+                self.done.errback(tls)
             else:
                 what = f"{due} echo{'es' if due != 1 else ''} still due" if due else "before input ended"
                 self.done.errback(ConnectionLostError(f"the server closed the connection ({what})"))

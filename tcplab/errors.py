@@ -92,6 +92,22 @@ def connectFailure(failure: Failure, where: str) -> TcplabError:
     return ConnectFailed(f"cannot connect to {where}: {_reason(failure)}")
 
 
+def tlsFailure(reason: Failure | None) -> TcplabError | None:
+    """A TLS handshake or verification failure hidden in a lost connection, as one line."""
+    try:
+        from OpenSSL.SSL import Error as SSLError
+    except ImportError:  # pragma: no cover
+        return None
+    if reason is None or not reason.check(SSLError, ierror.SSLError):
+        return None
+    detail = _reason(reason)
+    errors = reason.value.args[0] if reason.value.args else None
+    if isinstance(errors, list) and errors and isinstance(errors[-1], tuple):
+        detail = str(errors[-1][-1])
+    hint = ": is --ca the CA that signed the server's certificate?" if "certificate" in detail else ""
+    return ConnectFailed(f"TLS handshake failed ({detail}){hint}")
+
+
 def _reason(failure: Failure) -> str:
     text = failure.getErrorMessage().strip() or failure.type.__name__
     return " ".join(text.split())

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from typing import ClassVar
 
 from twisted.internet import stdio
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from tcplab.errors import TcplabError, connectFailure
-from tcplab.tap.options import floatOption, intOption
+from tcplab.tap.options import escapeEndpointValue, floatOption, intOption
 
 
 class ClientOptions(usage.Options):
@@ -30,29 +33,61 @@ class ClientOptions(usage.Options):
         ["connect", "c", None, "A Twisted client endpoint string instead of --host/--port, "
          "e.g. unix:path=/tmp/echo.sock or tls:host=example.org:port=7443."],
         ["timeout", "t", "10", "Seconds to wait for a connection or a reply."],
+        ["ca", None, None, "PEM file of the CA (or self-signed certificate) that TLS servers must be signed by, "
+         "instead of the system's trust store."],
     ]
+    optFlags = [["tls", None, "Connect to --host/--port with TLS, verifying the server's certificate."]]
 
     def postOptions(self) -> None:
         if self["connect"] and self["port"] is not None:
             raise usage.UsageError("use either --connect or --host/--port, not both")
         self["port"] = self.defaultPort if self["port"] is None else intOption("--port", self["port"], 1, 65535)
         self["timeout"] = floatOption("--timeout", self["timeout"], 0.001, 86400)
+        if self["tls"] and self["connect"]:
+            raise usage.UsageError("--tls goes with --host/--port; with --connect write tls:host=...:port=...")
+        if self["ca"] and not self.usesTLS():
+            raise usage.UsageError("--ca needs --tls or a --connect tls:... endpoint")
+        if self["ca"]:
+            try:
+                with open(self["ca"], "rb") as f:
+                    Certificate.loadPEM(f.read())
+            except OSError as e:
+                raise usage.UsageError(f"cannot read --ca {self['ca']}: {e.strerror}") from None
+            except Exception:
+                raise usage.UsageError(f"--ca {self['ca']} is not a PEM certificate") from None
         if self["connect"]:
             from twisted.internet import reactor
 
             try:
-                clientFromString(reactor, self["connect"])
+                self.endpoint(reactor)
             except Exception as e:
                 raise usage.UsageError(f"bad --connect endpoint {self['connect']!r}: {e}") from None
+
+    def usesTLS(self) -> bool:
+        return bool(self["tls"] or (self["connect"] or "").lower().startswith("tls:"))
 
     def where(self) -> str:
         """The server, as the user named it, for error messages."""
         return self["connect"] or f"{self['host']}:{self['port']}"
 
     def endpoint(self, reactor: object) -> IStreamClientEndpoint:
+        if self["tls"]:
+            trust = Certificate.loadPEM(open(self["ca"], "rb").read()) if self["ca"] else None
+            tcp = HostnameEndpoint(reactor, self["host"], self["port"], timeout=self["timeout"])
+            return wrapClientTLS(optionsForClientTLS(self["host"], trustRoot=trust), tcp)
+        if self["connect"] and self["ca"]:
+            return _withTrustRoot(reactor, self["connect"], self["ca"])
         if self["connect"]:
             return clientFromString(reactor, self["connect"])
         return HostnameEndpoint(reactor, self["host"], self["port"], timeout=self["timeout"])
+
+
+def _withTrustRoot(reactor: object, description: str, ca: str) -> IStreamClientEndpoint:
+    """A ``tls:`` endpoint that trusts only ``ca``: Twisted's ``trustRoots=`` takes a
+    folder of PEM files, read while the endpoint is built, so one is made for the moment."""
+    with tempfile.TemporaryDirectory(prefix="tcplab-ca-") as folder:
+        shutil.copyfile(ca, os.path.join(folder, "ca.pem"))
+        return clientFromString(reactor, f"{description}:trustRoots={escapeEndpointValue(folder)}")
 
 
 def connect(reactor: object, options: ClientOptions, protocol: IProtocol) -> Deferred[IProtocol]:
