@@ -1,0 +1,494 @@
+"""The tcplab-multi hub: every line back to its sender exactly, and to every other client with a prefix.
+
+Fan-out is built to never wait for the slowest client. Each client has a
+:class:`~tcplab.sendqueue.SendQueue`: a client whose queue would pass the
+limit with another client's line is told and dropped, and the others go on.
+A client's own echoes never get it dropped: while the server cannot send to a
+client, it stops reading from it (as tcplab-echo does), so its echoes wait in
+its socket, not in the server. The wire format is in :mod:`tcplab.multiwire`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from tcplab.multiwire import (
+    HELP,
+    escapeLine,
+    escapeText,
+    isValidNick,
+    parseCommand,
+    prefixFor,
+    serverLine,
+)
+from tcplab.peers import describeAddress
+from tcplab.ratelimit import RateLimiter
+from tcplab.sendqueue import SendQueue
+
+log = Logger(namespace="tcplab.multi")
+
+#: Names listed by one /who reply; more are counted, not listed.
+WHO_LIMIT = 100
+
+#: Log lines about single clients (joins, leaves, drops) per second, and in a burst: a storm of
+#: connections must not become a storm of log writes. The stats line counts the ones left out.
+CLIENT_LOG_RATE = 20.0
+CLIENT_LOG_BURST = 200.0
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """The hub's limits (``0`` turns off ``maxClients`` and ``idleTimeout``)."""
+
+    sendQueue: int = 1 << 20
+    maxClients: int = 0
+    maxLine: int = 1 << 16
+    idleTimeout: float = 0.0
+    noticeLimit: int = 100
+    closeGrace: float = 5.0
+
+
+@dataclass
+class HubStats:
+    """Counters since the hub started, for the periodic stats line."""
+
+    joined: int = 0
+    lines: int = 0
+    bytesIn: int = 0
+    bytesOut: int = 0
+    slow: int = 0
+    idle: int = 0
+    tooLong: int = 0
+    refused: int = 0
+    unlogged: int = 0
+
+
+class Leaving(enum.Enum):
+    """Why a client goes: the reason others are told, and whether what it is owed is still sent."""
+
+    CLOSED = ("", True)
+    QUIT = ("quit", True)
+    IDLE = ("idle", True)
+    LINE_TOO_LONG = ("line too long", True)
+    TOO_SLOW = ("too slow", False)
+    SHUTDOWN = ("server shutting down", True)
+
+    def __init__(self, reason: str, flush: bool) -> None:
+        self.reason = reason
+        self.flush = flush
+
+
+class HubClient(Protocol, TimeoutMixin):
+    """One connected client: splits its bytes into lines (never holding more than
+    ``maxLine`` of an unfinished one), runs its commands, and echoes and broadcasts
+    each read's lines as one write per recipient."""
+
+    factory: MultiHub
+
+    def __init__(self) -> None:
+        self.peer = "?"
+        self.name = ""
+        self.prefix = b""
+        self.queue: SendQueue | None = None
+        self.member = False
+        self.closing = False
+        self._partial = bytearray()
+        self._readingPaused = False
+        self._abort: IDelayedCall | None = None
+
+    # -- connection lifecycle
+
+    def connectionMade(self) -> None:
+        hub = self.factory
+        self.callLater = hub.clock.callLater  # type: ignore[method-assign]
+        self.peer = escapeText(describeAddress(self.transport.getPeer()))
+        hub.connections += 1
+        refusal = hub.refusal()
+        if refusal is not None:
+            self.closing = True
+            self.transport.write(refusal)
+            self.transport.loseConnection()
+            self._abort = hub.clock.callLater(hub.config.closeGrace, self.transport.abortConnection)
+            return
+        self.queue = SendQueue(self.transport, hub.config.sendQueue, self.pauseReading, self.resumeReading)
+        self.transport.registerProducer(self.queue, True)  # type: ignore[attr-defined]
+        hub.join(self)
+        if hub.config.idleTimeout:
+            self.setTimeout(hub.config.idleTimeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        hub = self.factory
+        self.setTimeout(None)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        if not self.closing:
+            self.closing = True
+            hub.leave(self, Leaving.CLOSED)
+        if self.queue is not None:
+            hub.stats.bytesOut += self.queue.written
+            self.queue.clear()
+        hub.connectionGone()
+
+    def setName(self, name: str) -> None:
+        self.name = name
+        self.prefix = prefixFor(name)
+
+    @property
+    def described(self) -> str:
+        """The client for a log line: its name, and its address if that is not the name."""
+        return self.name if self.name == self.peer else f"{self.name} ({self.peer})"
+
+    # -- reading
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.resetTimeout()
+        hub = self.factory
+        hub.stats.bytesIn += len(data)
+        maxLine = hub.config.maxLine
+        if b"\n" not in data:
+            self._partial += data
+            if _overLong(self._partial, maxLine):
+                self._lineTooLong()
+            return
+        if self._partial:
+            self._partial += data
+            data = bytes(self._partial)
+            self._partial = bytearray()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        own: list[bytes] = []
+        others: list[bytes] = []
+        start = pos = done = 0
+        leaving: Leaving | None = None
+        for line in lines:
+            end = pos + len(line) + 1
+            text = line[:-1] if line[-1:] == b"\r" else line
+            if len(text) > maxLine:
+                leaving = Leaving.LINE_TOO_LONG
+                break
+            if text[:1] != b"/":
+                others += (self.prefix, escapeLine(text), b"\n")
+            elif text[:2] == b"//":
+                others += (self.prefix, escapeLine(text[1:]), b"\n")
+            else:
+                own.append(data[start:end])
+                start = end
+                leaving = self._command(text, own, others)
+            pos = end
+            done += 1
+            if leaving is not None:
+                break
+        hub.stats.lines += done
+        if pos > start:
+            own.append(data[start:pos])
+        if own:
+            self.send(b"".join(own))
+        if others:
+            hub.broadcast(b"".join(others), self)
+        if leaving is Leaving.LINE_TOO_LONG or (leaving is None and _overLong(tail, maxLine)):
+            self._lineTooLong()
+        elif leaving is not None:
+            self.close(leaving, serverLine("bye"))
+        elif tail:
+            self._partial = bytearray(tail)
+
+    def _command(self, text: bytes, own: list[bytes], others: list[bytes]) -> Leaving | None:
+        """Run one command: replies go to ``own``, what the others should see to ``others``."""
+        hub = self.factory
+        command = parseCommand(text)
+        assert command is not None
+        if command.name == "nick":
+            reply, notice = hub.rename(self, command.argument)
+            own.append(reply)
+            if notice:
+                others.append(notice)
+        elif command.name == "who":
+            own.append(hub.who())
+        elif command.name == "help":
+            own.append(serverLine(HELP))
+        elif command.name == "quit":
+            return Leaving.QUIT
+        else:
+            name = escapeText(command.name)
+            own.append(serverLine(f"error: unknown command /{name} (/help lists the commands)"))
+        return None
+
+    def _lineTooLong(self) -> None:
+        hub = self.factory
+        hub.stats.tooLong += 1
+        limit = hub.config.maxLine
+        hub.logClient("{client} sent a line over {limit} bytes: disconnected", client=self.described, limit=limit)
+        self.close(Leaving.LINE_TOO_LONG, serverLine(f"line too long: the limit is {limit} bytes (--max-line); "
+                                                     "disconnecting"))
+
+    def timeoutConnection(self) -> None:
+        hub = self.factory
+        hub.stats.idle += 1
+        seconds = hub.config.idleTimeout
+        hub.logClient("{client} idle for {seconds:g}s: disconnected", client=self.described, seconds=seconds)
+        self.close(Leaving.IDLE, serverLine(f"idle for {seconds:g}s (--idle-timeout): disconnecting"))
+
+    # -- backpressure: while we cannot send to this client, we do not read from it
+
+    def pauseReading(self) -> None:
+        if self.closing or self._readingPaused:
+            return
+        self._readingPaused = True
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.setTimeout(None)
+
+    def resumeReading(self) -> None:
+        if self.closing or not self._readingPaused:
+            return
+        self._readingPaused = False
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self.factory.config.idleTimeout:
+            self.setTimeout(self.factory.config.idleTimeout)
+
+    # -- writing
+
+    def send(self, data: bytes) -> None:
+        """Our own echo, replies and server notices: never dropped."""
+        if not self.closing and self.queue is not None:
+            self.queue.put(data)
+
+    def deliver(self, data: bytes) -> None:
+        """Another client's lines: dropped, with us, if we are too far behind."""
+        if self.closing or self.queue is None:
+            return
+        if not self.queue.offer(data):
+            self._tooSlow()
+
+    def _tooSlow(self) -> None:
+        hub = self.factory
+        hub.stats.slow += 1
+        assert self.queue is not None
+        limit = self.queue.limit
+        hub.logClient("{client} fell {queued} bytes behind: disconnected (--send-queue {limit})",
+                      client=self.described, queued=self.queue.queued, limit=limit)
+        self.close(Leaving.TOO_SLOW, serverLine(f"too slow: over {limit} bytes waiting for you (--send-queue); "
+                                                "disconnecting"))
+
+    def close(self, leaving: Leaving, line: bytes | None = None) -> None:
+        """Leave the hub now, send ``line`` (best effort) and disconnect, forcibly after the grace period.
+
+        For a client dropped as too slow, what was queued for it is thrown away
+        at once; otherwise it goes out before ``line``.
+        """
+        if self.closing:
+            return
+        hub = self.factory
+        self.closing = True
+        self.setTimeout(None)
+        self._partial = bytearray()
+        hub.leave(self, leaving)
+        transport = self.transport
+        if self.queue is not None:
+            pending = self.queue.takeAll() if leaving.flush else []
+            self.queue.clear()
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+            for chunk in pending:
+                self.queue.written += len(chunk)
+                transport.write(chunk)
+        if line:
+            transport.write(line)
+        transport.loseConnection()
+        self._abort = hub.clock.callLater(hub.config.closeGrace, transport.abortConnection)  # type: ignore[attr-defined]
+
+
+def _ignoreTimeout(failure: Failure) -> None:
+    failure.trap(DeferredTimeout, CancelledError)
+
+
+def _overLong(partial: bytes | bytearray, maxLine: int) -> bool:
+    """True if an unfinished line is already longer than allowed (a final ``\\r`` may still be a line end)."""
+    size = len(partial)
+    return size > maxLine and not (size == maxLine + 1 and partial[-1:] == b"\r")
+
+
+class MultiHub(Factory):
+    """Who is connected, under which unique name, and the broadcast between them."""
+
+    protocol = HubClient
+    noisy = False
+
+    def __init__(self, config: HubConfig | None = None, clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.config = config or HubConfig()
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.stats = HubStats()
+        self.connections = 0
+        self.stopping = False
+        self.members: dict[HubClient, None] = {}
+        self.names: dict[str, HubClient] = {}
+        self._serial = 0
+        self._broadcasting = False
+        self._later: deque[tuple[bytes, HubClient | None]] = deque()
+        self._whenEmpty: list[Deferred[None]] = []
+        self._logLimit = RateLimiter(CLIENT_LOG_RATE, CLIENT_LOG_BURST, self.clock.seconds)
+
+    def logClient(self, format: str, **fields: object) -> None:
+        """Log one client's event, unless such lines are coming too fast (then only count it)."""
+        if self._logLimit.allow(None):
+            log.info(format, **fields)
+        else:
+            self.stats.unlogged += 1
+
+    # -- joining and leaving
+
+    def refusal(self) -> bytes | None:
+        """The line a new connection gets instead of a seat, if it cannot have one."""
+        if self.stopping:
+            return serverLine("server shutting down")
+        limit = self.config.maxClients
+        if limit and len(self.members) >= limit:
+            self.stats.refused += 1
+            self.logClient("refused a connection: server full ({limit} clients)", limit=limit)
+            return serverLine(f"server full ({limit} clients), try again later")
+        return None
+
+    def join(self, client: HubClient) -> None:
+        name = self._defaultName(client)
+        client.setName(name)
+        client.member = True
+        self.members[client] = None
+        self.names[name.lower()] = client
+        self.stats.joined += 1
+        count = len(self.members)
+        self.logClient("{client} joined ({count} connected)", client=client.described, count=count)
+        client.send(serverLine(f"welcome, you are {name} ({count} connected; /help lists the commands)"))
+        if count <= self.config.noticeLimit:
+            self.broadcast(serverLine(f"{name} joined"), client)
+
+    def leave(self, client: HubClient, leaving: Leaving) -> None:
+        if not client.member:
+            return
+        client.member = False
+        count = len(self.members)
+        del self.members[client]
+        if self.names.get(client.name.lower()) is client:
+            del self.names[client.name.lower()]
+        reason = f" ({leaving.reason})" if leaving.reason else ""
+        self.logClient("{client} left{reason} ({count} connected)", client=client.described, reason=reason,
+                       count=count - 1)
+        if not self.stopping and count <= self.config.noticeLimit:
+            self.broadcast(serverLine(f"{client.name} left{reason}"), None)
+
+    def _defaultName(self, client: HubClient) -> str:
+        """``host:port`` for a TCP client; otherwise, or if that is taken, something unique with ``#N``."""
+        self._serial += 1
+        address = client.transport.getPeer()
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            name = describeAddress(address)
+        else:
+            name = f"{'unix' if isinstance(address, UNIXAddress) else 'client'}#{self._serial}"
+        if name.lower() in self.names:
+            name = f"{name}#{self._serial}"
+        return name
+
+    def rename(self, client: HubClient, argument: bytes) -> tuple[bytes, bytes | None]:
+        """``/nick``: the reply for ``client``, and the notice for the others if the name changed."""
+        if not argument:
+            return serverLine("error: give a name: /nick NAME"), None
+        name = argument.decode("utf-8", "replace")
+        if not isValidNick(name):
+            return serverLine(f'error: "{escapeText(name)}" is not a valid name: use 1-32 letters, '
+                              "digits, _ - or ."), None
+        holder = self.names.get(name.lower())
+        if holder is not None and holder is not client:
+            return serverLine(f"error: the name {name} is taken, choose another"), None
+        old = client.name
+        if name == old:
+            return serverLine(f"you are already {name}"), None
+        del self.names[old.lower()]
+        self.names[name.lower()] = client
+        client.setName(name)
+        self.logClient("{old} is now {name} ({peer})", old=old, name=name, peer=client.peer)
+        return serverLine(f"you are now {name}"), serverLine(f"{old} is now {name}")
+
+    def who(self) -> bytes:
+        count = len(self.members)
+        names = ", ".join(c.name for c in islice(self.members, WHO_LIMIT))
+        more = f", and {count - WHO_LIMIT} more" if count > WHO_LIMIT else ""
+        return serverLine(f"{count} connected: {names}{more}")
+
+    # -- broadcast
+
+    def broadcast(self, data: bytes, sender: HubClient | None) -> None:
+        """Give ``data`` (whole lines) to every member but ``sender``.
+
+        A broadcast started while one is running (a client dropped as too slow
+        is announced as gone) waits until that one is done, so each broadcast
+        reaches members in one pass, in order.
+        """
+        self._later.append((data, sender))
+        if self._broadcasting:
+            return
+        self._broadcasting = True
+        try:
+            while self._later:
+                data, sender = self._later.popleft()
+                for client in list(self.members):
+                    if client is not sender:
+                        client.deliver(data)
+        finally:
+            self._broadcasting = False
+            self._later.clear()
+
+    # -- stopping, and the numbers
+
+    def connectionGone(self) -> None:
+        self.connections -= 1
+        if self.connections <= 0:
+            waiting, self._whenEmpty = self._whenEmpty, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
+
+    def shutdown(self) -> Deferred[None]:
+        """Tell every client the server is going down and close; fires once all are gone (at most
+        a little after ``closeGrace``, when the last stuck ones are aborted)."""
+        self.stopping = True
+        for client in list(self.members):
+            client.close(Leaving.SHUTDOWN, serverLine("server shutting down"))
+        if self.connections <= 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._whenEmpty.append(d)
+        d.addTimeout(self.config.closeGrace + 1, self.clock)
+        d.addErrback(_ignoreTimeout)
+        return d
+
+    def statsFields(self) -> dict[str, int]:
+        s = self.stats
+        bytesOut = s.bytesOut + sum(c.queue.written for c in self.members if c.queue is not None)
+        return {
+            "clients": len(self.members), "joined": s.joined, "lines": s.lines, "bytesIn": s.bytesIn,
+            "bytesOut": bytesOut, "slow": s.slow, "idle": s.idle, "tooLong": s.tooLong, "refused": s.refused,
+            "unlogged": s.unlogged,
+        }
+
+    def logStats(self) -> None:
+        log.info(
+            "stats: {clients} clients now ({joined} so far), {lines} lines and {bytesIn} bytes in, {bytesOut} bytes "
+            "out; cut loose: {slow} too slow, {idle} idle, {tooLong} over --max-line; {refused} refused as full; "
+            "{unlogged} client events not logged (too many at once)",
+            **self.statsFields(),
+        )
+
