@@ -23,6 +23,7 @@ from tcplab.errors import ExitCode, TcplabError
 COMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("tcplab.cli.echo", "Send lines to an echo or multi server and print what comes back."),
     "send": ("tcplab.cli.send", "Upload files to a tcplab-file server, verified."),
+    "demo": ("tcplab.cli.demo", "Replay the whole lab on loopback: echo, multi-client, file transfer."),
 }
 
 
@@ -75,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         def done(result: object) -> object:
             nonlocal finished
             finished = True
+            if interrupted:
+                _message("tcplab: interrupted")
+                raise SystemExit(int(ExitCode.INTERRUPTED))
             return result
 
         # A signal stops the reactor, which closes stdin and connections: that must
@@ -85,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         task.react(_run)
     except SystemExit:
-        if interrupted or not finished:
+        if not finished:
             _fail("tcplab: interrupted", ExitCode.INTERRUPTED)
         raise
     raise AssertionError("react returned")  # pragma: no cover

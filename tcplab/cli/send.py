@@ -1,0 +1,231 @@
+"""``tcplab send``: upload files to a tcplab-file server, verified (Task 3 client)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from twisted.python import usage
+
+from tcplab.cli.common import ClientOptions, connect
+from tcplab.errors import (
+    AlreadyExists,
+    ConnectionLostError,
+    LocalFileError,
+    RefusedByServer,
+    TcplabError,
+    TimedOut,
+    VerificationFailed,
+)
+from tcplab.fileclient import CHUNK_SIZE, FileSender, Uploader
+from tcplab.filewire import Clash, checkToken, escapeName
+
+TOKEN_ENV = "TCPLAB_TOKEN"
+
+
+class Options(ClientOptions):
+    synopsis = ("FILE... [-r] [--host H] [--port 9000] [--connect ENDPOINT] [--token-file F] [--resume] "
+                "[--quiet] [--no-rename]")
+    longdesc = (
+        "Send each FILE (with -r, folders too, relative paths kept) to a tcplab-file server, which stores "
+        "it verified by SHA-256; print the name it was stored under. Exit 0 only when every file is stored: "
+        "2 usage, 3 cannot connect, 4 connection lost, 5 timed out, 6 local file problem, 7 refused by the "
+        f"server, 8 already exists (--no-rename), 9 verification failed, 130 interrupted. The token can also "
+        f"come from ${TOKEN_ENV}."
+    )
+    defaultPort = 9000
+
+    optFlags = [
+        ["recursive", "r", "Send folders and everything in them."],
+        ["resume", None, "Continue interrupted uploads from what the server already holds."],
+        ["quiet", "q", "No progress bar (stored names are still printed)."],
+        ["no-rename", None, "Fail (exit 8) instead of storing under a new name when the name is taken."],
+    ]
+    optParameters = [["token-file", None, None, f"Send the token in this file (or set ${TOKEN_ENV})."]]
+
+    def parseArgs(self, *files: str) -> None:
+        if not files:
+            raise usage.UsageError("name at least one FILE to send")
+        self["files"] = list(files)
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self["token"] = None
+        if self["token-file"]:
+            path = self["token-file"]
+            try:
+                with open(path, "rb") as f:
+                    text = f.read(1 << 16).decode("utf-8")
+            except OSError as e:
+                raise LocalFileError(f"cannot read --token-file {escapeName(path)}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise usage.UsageError(f"--token-file {escapeName(path)} is not UTF-8 text") from None
+            source = f"--token-file {escapeName(path)}"
+        elif os.environ.get(TOKEN_ENV):
+            text, source = os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
+        else:
+            return
+        try:
+            self["token"] = checkToken(text)
+        except ValueError as e:
+            raise usage.UsageError(f"{source}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Item:
+    """A local file and the name it is sent under."""
+
+    path: str
+    name: str
+    size: int
+
+
+def collectFiles(paths: list[str], recursive: bool, warn: Any = None) -> list[Item]:
+    """The files to send, checked before connecting: one LocalFileError for the first problem."""
+    items: list[Item] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            if not recursive:
+                raise LocalFileError(f"{escapeName(path)} is a folder: use -r to send it and what it holds")
+            items.extend(_walk(path, warn))
+        elif stat.S_ISREG(st.st_mode):
+            if not os.access(path, os.R_OK):
+                raise LocalFileError(f"cannot read {escapeName(path)}: Permission denied")
+            items.append(Item(path, wireName(path, os.path.basename(os.path.abspath(path))), st.st_size))
+        else:
+            raise LocalFileError(f"{escapeName(path)} is not a regular file")
+    return items
+
+
+def _walk(top: str, warn: Any) -> list[Item]:
+    base = os.path.basename(os.path.abspath(top))
+    if not base:
+        raise LocalFileError(f"cannot send {escapeName(top)}: name a folder inside it instead")
+    items = []
+
+    def failed(e: OSError) -> None:
+        raise LocalFileError(f"cannot read the folder {escapeName(e.filename or top)}: {e.strerror}")
+
+    for folder, dirs, files in os.walk(top, onerror=failed):
+        dirs.sort()
+        relative = os.path.relpath(folder, top)
+        parts = [base] if relative == "." else [base, *relative.split(os.sep)]
+        for file in sorted(files):
+            path = os.path.join(folder, file)
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):
+                if warn is not None:
+                    warn(f"tcplab: skipping {escapeName(path)}: not a regular file")
+                continue
+            items.append(Item(path, wireName(path, "/".join([*parts, file])), st.st_size))
+    return items
+
+
+def wireName(path: str, name: str) -> str:
+    """``name`` if it can be written on a request line (UTF-8, no line breaks), else LocalFileError."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalFileError(f"cannot send {escapeName(path)}: its name is not valid UTF-8") from None
+    if "\n" in name or "\r" in name:
+        raise LocalFileError(f"cannot send {escapeName(path)}: its name has a line break in it")
+    if not name:
+        raise LocalFileError(f"cannot send {escapeName(path)}: it has no file name")
+    return name
+
+
+class Progress:
+    """A tqdm bar on stderr (bytes, rate, ETA) when it is a terminal; lines printed around it."""
+
+    def __init__(self, total: int, enabled: bool, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                            dynamic_ncols=True, miniters=1, mininterval=0.2)
+
+    def file(self, name: str) -> None:
+        if self.bar is not None:
+            label = escapeName(name)
+            self.bar.set_description_str(label if len(label) <= 30 else "…" + label[-29:], refresh=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def line(self, text: str, error: bool = False) -> None:
+        stream = sys.stderr if error else self.out
+        if self.bar is not None:
+            self.bar.write(text, file=stream)
+        else:
+            stream.flush()
+            print(text, file=stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+async def run(reactor: Any, options: Options) -> None:
+    progress = Progress(0, False)
+    items = collectFiles(options["files"], options["recursive"], lambda text: progress.line(text, error=True))
+    progress = Progress(sum(item.size for item in items), not options["quiet"] and sys.stderr.isatty())
+
+    def newConnection() -> Any:
+        return connect(reactor, options, FileSender(reactor, options["timeout"], CHUNK_SIZE))
+
+    uploader = Uploader(newConnection, token=options["token"], resume=options["resume"],
+                        clash=Clash.FAIL if options["no-rename"] else None)
+    first: TcplabError | None = None
+    held: TcplabError | None = None  # the latest failure, shown once it is not the only one
+    failed = 0
+
+    def showHeld() -> None:
+        nonlocal held
+        if held is not None:
+            progress.line(f"tcplab: {held}", error=True)
+            held = None
+
+    try:
+        for item in items:
+            progress.file(item.name)
+            try:
+                sent = await uploader.send(item.path, item.name, progress.update)
+            except TcplabError as e:
+                showHeld()
+                if not _perFile(e):
+                    raise
+                first, held, failed = first or e, e, failed + 1
+                continue
+            resumed = f", resumed at {sent.resumedAt}" if sent.resumedAt else ""
+            progress.line(f"{escapeName(item.path)} -> {escapeName(sent.stored)} "
+                          f"({sent.size} bytes, sha256 {sent.sha256}{resumed})")
+    except (ConnectionLostError, TimedOut) as e:
+        if not options["resume"]:
+            e.message += " (run again with --resume to continue)"
+        raise
+    finally:
+        progress.close()
+        await uploader.close()
+    if failed == 1 and held is not None:
+        raise held
+    if first is not None:
+        showHeld()
+        raise type(first)(f"{failed} of {len(items)} files were not stored (see above)")
+
+
+def _perFile(error: TcplabError) -> bool:
+    """Errors about one file (the others can still go); connection trouble ends the run."""
+    return isinstance(error, (LocalFileError, RefusedByServer, AlreadyExists, VerificationFailed))

@@ -1,0 +1,531 @@
+"""Where tcplab-file puts bytes: a folder, held open by a directory descriptor.
+
+Every upload streams into a hidden file of the server's own in the top folder,
+created exclusively with ``O_NOFOLLOW`` (a random ``.tcplab-<hex>.tmp``, or for a
+client that sends a SHA-256 the resumable ``.tcplab-<hash of name and size>.partial``,
+locked with ``flock`` while in use). Once the body is complete and verified it is
+fsync'ed, hard-linked under its final name (``link`` fails on any existing name,
+a planted symlink included, so clashes are detected race-free and a unique
+``name (1).ext`` is taken instead), the temp name is removed and the folders are
+fsync'ed. Only then does the caller hear of success.
+
+Blocking steps (fsync, link, folder fsync, hashing a kept prefix, cleaning) run
+through ``runBlocking`` (a thread by default; tests pass a synchronous one).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+from tcplab.filewire import MAX_NAME_BYTES, RESERVED_PREFIX, Clash, ErrorCode, escapeName
+
+log = Logger(namespace="tcplab.filestore")
+
+T = TypeVar("T")
+RunBlocking = Callable[..., "Deferred[Any]"]
+
+TEMP_SUFFIX = ".tmp"
+PARTIAL_SUFFIX = ".partial"
+#: How many ``name (n).ext`` a clash may try before giving up.
+MAX_UNIQUE = 10000
+_READ_CHUNK = 1 << 20
+#: Start the kernel's writeback of a body every this many bytes.
+WRITEBACK_STEP = 32 << 20
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageError(Exception):
+    """Storing failed; ``code`` is the ERR code to reply, the message says why."""
+
+    code = ErrorCode.IO_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NoSpace(StorageError):
+    code = ErrorCode.NO_SPACE
+
+
+class NameTaken(StorageError):
+    code = ErrorCode.EXISTS
+
+
+class BadOffset(StorageError):
+    code = ErrorCode.BAD_OFFSET
+
+
+class StoreIOError(StorageError):
+    code = ErrorCode.IO_ERROR
+
+
+def _ioError(e: OSError, doing: str) -> StorageError:
+    reason = e.strerror or type(e).__name__
+    if e.errno in _NO_SPACE_ERRNOS:
+        return NoSpace(f"{doing}: {reason} (the server's disk is full)")
+    return StoreIOError(f"{doing}: {reason}")
+
+
+def synchronous(f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+    """A ``runBlocking`` that runs on the calling thread (for tests and tools)."""
+    return maybeDeferred(f, *args, **kwargs)
+
+
+class HeldPrefix:
+    """What a STAT found: a partial file's identity, its length and the hash of those bytes.
+
+    A PUT that resumes at ``length`` on the same (unchanged) file reuses the hash
+    instead of reading the prefix again.
+    """
+
+    def __init__(self, key: str, dev: int, ino: int, length: int, hasher: Any) -> None:
+        self.key = key
+        self.dev = dev
+        self.ino = ino
+        self.length = length
+        self.hasher = hasher
+
+    @property
+    def sha256(self) -> str:
+        return self.hasher.hexdigest()  # type: ignore[no-any-return]
+
+
+class Upload:
+    """One body being received into an open temp or partial file; hashes what it writes."""
+
+    def __init__(self, store: FileStore, fd: int, tempName: str, parts: tuple[str, ...], size: int,
+                 offset: int, hasher: Any, resumable: bool) -> None:
+        self.store = store
+        self.fd = fd
+        self.tempName = tempName
+        self.parts = parts
+        self.size = size
+        self.offset = offset
+        self.position = offset
+        self.hasher = hasher
+        self.resumable = resumable
+        self.reserved = size - offset
+        self.closed = False
+        self._flushed = offset
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.position
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Hash and write ``data`` (never more than ``remaining``); raise StorageError on failure."""
+        self.hasher.update(data)
+        view = memoryview(data)
+        write = self.store.write
+        try:
+            while view:
+                written = write(self.fd, view)
+                view = view[written:]
+                self.position += written
+        except OSError as e:
+            raise _ioError(e, "cannot write") from None
+        if self.position - self._flushed >= WRITEBACK_STEP:
+            self._startWriteback()
+
+    def _startWriteback(self) -> None:
+        """Have the kernel start writing what we wrote so far (and forget the pages already
+        written), so the fsync at the end waits for the last few megabytes, not the whole file."""
+        start = max(self._flushed - WRITEBACK_STEP, 0)
+        try:
+            os.posix_fadvise(self.fd, start, self.position - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        self._flushed = self.position
+
+    def sha256(self) -> str:
+        return self.hasher.hexdigest()  # type: ignore[no-any-return]
+
+    def abort(self, keep: bool = False) -> None:
+        """Give up: close the file, and remove it unless ``keep`` and it is a resumable partial."""
+        if self.closed:
+            return
+        self.closed = True
+        self.store._release(self)
+        if not (keep and self.resumable):
+            self.store._unlink(self.tempName)
+        self.store._close(self.fd)
+
+    def commit(self, clash: Clash | None) -> Deferred[str]:
+        """fsync, link under the final name, fsync the folders; fires with the stored path."""
+        self.closed = True
+        self.store._release(self)
+        return self.store.runBlocking(self.store._commit, self, clash)
+
+
+class FileStore:
+    """The ``--dir`` folder and the rules for writing into it."""
+
+    def __init__(self, directory: str, overwrite: bool = False, runBlocking: RunBlocking | None = None) -> None:
+        self.directory = directory
+        self.overwrite = overwrite
+        self.runBlocking: RunBlocking = runBlocking or threads.deferToThread
+        self.dirFd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        self.fileMode = 0o666 & ~mask
+        self.reserved = 0
+        # Seams for tests that need a disk to fail at a given step.
+        self.write: Callable[[int, Any], int] = os.write
+        self.fsync: Callable[[int], None] = os.fsync
+        self.link: Callable[..., None] = os.link
+
+    def close(self) -> None:
+        if self.dirFd >= 0:
+            os.close(self.dirFd)
+            self.dirFd = -1
+
+    # -- space ------------------------------------------------------------------
+
+    def freeBytes(self) -> int:
+        st = os.statvfs(self.dirFd)
+        return st.f_bavail * st.f_frsize
+
+    def checkSpace(self, needed: int) -> None:
+        """Raise NoSpace unless ``needed`` more bytes fit next to the uploads already under way."""
+        try:
+            free = self.freeBytes() - self.reserved
+        except OSError as e:
+            raise _ioError(e, "cannot check the free space") from None
+        if needed > free:
+            raise NoSpace(f"{needed} bytes do not fit: the server has {max(free, 0)} bytes free")
+
+    def _release(self, upload: Upload) -> None:
+        self.reserved -= upload.reserved
+        upload.reserved = 0
+
+    # -- starting an upload -----------------------------------------------------
+
+    def partialName(self, parts: tuple[str, ...], size: int) -> str:
+        """The deterministic hidden name under which (stored path, size) is kept between attempts."""
+        key = hashlib.sha256("\0".join((*parts, str(size))).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return f"{RESERVED_PREFIX}{key}{PARTIAL_SUFFIX}"
+
+    def begin(self, parts: tuple[str, ...], size: int, offset: int, resumable: bool,
+              held: HeldPrefix | None = None) -> Deferred[Upload]:
+        """Open the file a body goes into.
+
+        ``offset`` > 0 continues the partial file of (``parts``, ``size``); its first
+        ``offset`` bytes are hashed again from disk (in a thread) unless ``held``
+        already has them. A partial in use by another transfer cannot be shared:
+        then a fresh random temp is used and ``offset`` must be 0.
+        """
+        needed = size - offset
+        try:
+            self.checkSpace(needed)
+            if resumable:
+                opened = self._openPartial(self.partialName(parts, size), create=not offset)
+            else:
+                opened = None
+            if opened is None:
+                if offset:
+                    raise BadOffset(f"the server holds no free partial copy to resume at {offset}: send from 0")
+                fd, name = self._openTemp()
+                resumable = False
+            else:
+                fd, name = opened
+        except StorageError as e:
+            return _failed(e)
+        self.reserved += needed
+        upload = Upload(self, fd, name, parts, size, offset, hashlib.sha256(), resumable)
+        if not resumable:
+            return _succeeded(upload)
+        if offset == 0:
+            return maybeDeferred(self._truncate, upload).addErrback(self._abandon, upload)
+        if held is not None and offset == held.length and self._same(fd, held):
+            upload.hasher = held.hasher.copy()
+            return maybeDeferred(self._truncate, upload).addErrback(self._abandon, upload)
+        return self.runBlocking(self._resume, upload).addErrback(self._abandon, upload)
+
+    def _abandon(self, failure: Any, upload: Upload) -> Any:
+        upload.abort(keep=failure.check(BadOffset) is not None)
+        return failure
+
+    def _same(self, fd: int, held: HeldPrefix) -> bool:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino, st.st_size) == (held.dev, held.ino, held.length)
+
+    def _openTemp(self) -> tuple[int, str]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(8):
+            name = f"{RESERVED_PREFIX}{secrets.token_hex(16)}{TEMP_SUFFIX}"
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=self.dirFd)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _ioError(e, "cannot create a temporary file") from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, name
+        raise StoreIOError("cannot create a temporary file: every random name was taken")
+
+    def _openPartial(self, name: str, create: bool) -> tuple[int, str] | None:
+        """Open and lock the partial ``name``; None when another transfer holds it or it is not ours."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            if not create:
+                raise FileExistsError
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self.dirFd)
+        except FileExistsError:
+            try:
+                fd = os.open(name, flags, dir_fd=self.dirFd)
+            except OSError:
+                return None  # a symlink (ELOOP), vanished meanwhile, ...: not resumable
+        except OSError as e:
+            raise _ioError(e, "cannot create a partial file") from None
+        if not self._lockOwned(fd, name):
+            os.close(fd)
+            return None
+        return fd, name
+
+    def _lockOwned(self, fd: int, name: str) -> bool:
+        """Lock ``fd``; True when it is a plain file of ours, with one link, still under ``name``."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            now = os.stat(name, dir_fd=self.dirFd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+                and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino))
+
+    def _truncate(self, upload: Upload) -> Upload:
+        try:
+            os.ftruncate(upload.fd, upload.offset)
+            os.lseek(upload.fd, upload.offset, os.SEEK_SET)
+        except OSError as e:
+            raise _ioError(e, "cannot prepare the partial file") from None
+        return upload
+
+    def _resume(self, upload: Upload) -> Upload:
+        """Hash the kept first ``offset`` bytes from disk; the partial must hold at least that many."""
+        try:
+            length = os.fstat(upload.fd).st_size
+            if length < upload.offset:
+                raise BadOffset(f"the server holds {length} bytes, not {upload.offset}: send from 0")
+            _hashFd(upload.fd, upload.offset, upload.hasher)
+        except OSError as e:
+            raise _ioError(e, "cannot read the partial file") from None
+        return self._truncate(upload)
+
+    def exists(self, parts: tuple[str, ...]) -> bool:
+        """Whether something already has this stored path (symlinks not followed): lets a
+        ``clash=fail`` upload be refused before its body. The commit checks again, race-free."""
+        fds: list[int] = []
+        try:
+            parent = self.dirFd
+            for part in parts[:-1]:
+                parent = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                fds.append(parent)
+            os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            return e.errno in (errno.ELOOP, errno.ENOTDIR)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def held(self, parts: tuple[str, ...], size: int) -> Deferred[HeldPrefix | None]:
+        """What the server holds of (``parts``, ``size``): None when nothing (or it is in use)."""
+        name = self.partialName(parts, size)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dirFd)
+        except OSError:
+            return _succeeded(None)
+        if not self._lockOwned(fd, name):
+            os.close(fd)
+            return _succeeded(None)
+
+        def hashIt() -> HeldPrefix | None:
+            try:
+                st = os.fstat(fd)
+                if st.st_size > size:
+                    return None
+                hasher = hashlib.sha256()
+                _hashFd(fd, st.st_size, hasher)
+                return HeldPrefix(name, st.st_dev, st.st_ino, st.st_size, hasher)
+            except OSError:
+                return None
+            finally:
+                os.close(fd)
+
+        return self.runBlocking(hashIt)
+
+    # -- finishing --------------------------------------------------------------
+
+    def _commit(self, upload: Upload, clash: Clash | None) -> str:
+        """(Blocking.) Make the verified temp durable under a final name; return that path."""
+        created: list[tuple[int, str]] = []
+        dirFds: list[int] = []
+        linked: tuple[int, str] | None = None
+        try:
+            try:
+                self.fsync(upload.fd)
+                os.fchmod(upload.fd, self.fileMode)
+            except OSError as e:
+                raise _ioError(e, "cannot flush the file to disk") from None
+            target = self.dirFd
+            for part in upload.parts[:-1]:
+                target = self._openFolder(target, part, created)
+                dirFds.append(target)
+            final = self._place(upload, target, upload.parts[-1], clash)
+            linked = (target, final)
+            try:
+                for fd in {target, self.dirFd, *(parent for parent, _ in created)}:
+                    self.fsync(fd)
+            except OSError as e:
+                raise _ioError(e, "cannot flush the folder to disk") from None
+            linked = None
+            return "/".join((*upload.parts[:-1], final))
+        except BaseException:
+            if linked is not None:
+                _quietly(os.unlink, linked[1], dir_fd=linked[0])
+            _quietly(os.unlink, upload.tempName, dir_fd=self.dirFd)
+            raise
+        finally:
+            for fd in dirFds:
+                _quietly(os.close, fd)
+            _quietly(os.close, upload.fd)
+
+    def _openFolder(self, parent: int, name: str, created: list[tuple[int, str]]) -> int:
+        try:
+            os.mkdir(name, 0o777, dir_fd=parent)
+            created.append((parent, name))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _ioError(e, f"cannot create the folder {escapeName(name)}") from None
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise NameTaken(f"{escapeName(name)} exists and is not a folder") from None
+            raise _ioError(e, f"cannot open the folder {escapeName(name)}") from None
+
+    def _place(self, upload: Upload, target: int, name: str, clash: Clash | None) -> str:
+        """Put the temp file under ``name`` (or a free ``name (n).ext``); return the name used."""
+        if clash is None and self.overwrite:
+            try:
+                os.replace(upload.tempName, name, src_dir_fd=self.dirFd, dst_dir_fd=target)
+            except OSError as e:
+                if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise NameTaken(f"{escapeName(name)} exists and is a folder") from None
+                raise _ioError(e, "cannot rename the file into place") from None
+            return name
+        for n in range(MAX_UNIQUE):
+            candidate = uniqueName(name, n)
+            try:
+                self.link(upload.tempName, candidate, src_dir_fd=self.dirFd, dst_dir_fd=target,
+                          follow_symlinks=False)
+            except FileExistsError:
+                if clash is Clash.FAIL:
+                    raise NameTaken(f"{escapeName(name)} already exists on the server") from None
+                continue
+            except OSError as e:
+                raise _ioError(e, "cannot link the file into place") from None
+            try:
+                os.unlink(upload.tempName, dir_fd=self.dirFd)
+            except OSError as e:
+                _quietly(os.unlink, candidate, dir_fd=target)
+                raise _ioError(e, "cannot remove the temporary name") from None
+            return candidate
+        raise NameTaken(f"{escapeName(name)} and {MAX_UNIQUE} numbered variants already exist")
+
+    # -- housekeeping -----------------------------------------------------------
+
+    def cleanStale(self, maxAge: float, now: float | None = None) -> int:
+        """(Blocking.) Remove temp and partial files untouched for ``maxAge`` seconds and not in use."""
+        now = time.time() if now is None else now
+        removed = 0
+        with os.scandir(self.dirFd) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.startswith(RESERVED_PREFIX) or not name.endswith((TEMP_SUFFIX, PARTIAL_SUFFIX)):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < maxAge:
+                    continue
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dirFd)
+                except OSError:
+                    continue
+                try:
+                    if self._lockOwned(fd, name):
+                        os.unlink(name, dir_fd=self.dirFd)
+                        removed += 1
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        return removed
+
+    def _unlink(self, name: str) -> None:
+        _quietly(os.unlink, name, dir_fd=self.dirFd)
+
+    def _close(self, fd: int) -> None:
+        _quietly(os.close, fd)
+
+
+def uniqueName(name: str, n: int) -> str:
+    """``name`` for n == 0, else ``stem (n).ext``, shortened to fit ``MAX_NAME_BYTES``."""
+    if n == 0:
+        return name
+    stem, ext = os.path.splitext(name)
+    tag = f" ({n})"
+    while len((stem + tag + ext).encode("utf-8")) > MAX_NAME_BYTES:
+        if stem:
+            stem = stem[:-1]
+        else:
+            ext = ext[:-1]
+    return stem + tag + ext
+
+
+def _hashFd(fd: int, length: int, hasher: Any) -> None:
+    position = 0
+    while position < length:
+        chunk = os.pread(fd, min(_READ_CHUNK, length - position), position)
+        if not chunk:
+            raise OSError(errno.EIO, "the partial file is shorter than it was")
+        hasher.update(chunk)
+        position += len(chunk)
+
+
+def _quietly(f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    try:
+        f(*args, **kwargs)
+    except OSError:
+        pass
+
+
+def _succeeded(value: T) -> Deferred[T]:
+    d: Deferred[T] = Deferred()
+    d.callback(value)
+    return d
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d

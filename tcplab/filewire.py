@@ -1,0 +1,408 @@
+"""The tcplab-file wire format: request lines, trailers and replies (docs/PROTOCOL.md).
+
+Pure functions and frozen dataclasses, no I/O: the server and the client both
+parse and format through here, so the two cannot drift apart.
+
+A request is one UTF-8 line of at most ``MAX_HEADER`` bytes (LF included)::
+
+    PUT [key=value ...] <size> <name>      then exactly <size - offset> bytes of body
+    STAT [token=<t>] <size> <name>         answered by HAVE <offset> <sha256>
+
+and every PUT gets one reply line, ``OK <size> <sha256> <stored-name>`` or
+``ERR <code> <message>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from enum import Enum
+
+#: A request line, LF included, is at most this long.
+MAX_HEADER = 4096
+#: The ``SHA256 <hex>`` trailer line, LF included, is at most this long.
+MAX_TRAILER = 128
+#: A reply line the client accepts, LF included.
+MAX_REPLY = 8192
+#: Longest stored file or folder name, in UTF-8 bytes (the Linux NAME_MAX).
+MAX_NAME_BYTES = 255
+#: Most path parts (folders + file) in one name.
+MAX_PARTS = 64
+#: Largest size the protocol accepts (what a signed 64-bit file offset can hold).
+MAX_SIZE = 2**63 - 1
+MAX_TOKEN = 1024
+#: Stored names may not start with this: the server keeps its temp and partial files under it.
+RESERVED_PREFIX = ".tcplab-"
+#: SHA-256 of no bytes: what ``HAVE 0`` carries.
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+_DIGITS = re.compile(r"[0-9]{1,20}\Z")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
+#: Characters that reorder how the text around them is shown (Trojan Source, "gpj.exe" tricks).
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+class ErrorCode(str, Enum):
+    """The stable codes of ``ERR`` replies (the client maps them to exit statuses)."""
+
+    BAD_HEADER = "bad-header"
+    HEADER_TOO_LONG = "header-too-long"
+    BAD_NAME = "bad-name"
+    TOO_LARGE = "too-large"
+    NO_SPACE = "no-space"
+    BAD_TOKEN = "bad-token"
+    EXISTS = "exists"
+    CHECKSUM_MISMATCH = "checksum-mismatch"
+    SHORT_BODY = "short-body"
+    BAD_OFFSET = "bad-offset"
+    IO_ERROR = "io-error"
+    TOO_MANY_FILES = "too-many-files"
+    TIMEOUT = "timeout"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Clash(str, Enum):
+    """What a PUT asks the server to do when the stored name is taken."""
+
+    RENAME = "rename"
+    FAIL = "fail"
+
+
+class WireError(Exception):
+    """A request or reply that does not follow the protocol; ``code`` is what to reply."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Put:
+    """``PUT``: store ``size`` bytes under ``name``; the body is bytes ``offset..size-1``."""
+
+    size: int
+    name: str
+    sha256: str | None = None
+    trailer: bool = False
+    offset: int = 0
+    token: str | None = None
+    clash: Clash | None = None
+
+    @property
+    def hashed(self) -> bool:
+        """The client vouches for the content (up front or in a trailer), so it may resume."""
+        return self.trailer or self.sha256 is not None
+
+    @property
+    def bodySize(self) -> int:
+        return self.size - self.offset
+
+
+@dataclass(frozen=True)
+class Stat:
+    """``STAT``: how much of (``name``, ``size``) does the server already hold?"""
+
+    size: int
+    name: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Ok:
+    """The file is stored and verified; ``name`` is the stored path, unescaped."""
+
+    size: int
+    sha256: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Err:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Have:
+    """The server holds the first ``offset`` bytes, whose SHA-256 is ``sha256``."""
+
+    offset: int
+    sha256: str
+
+
+Request = Put | Stat
+Reply = Ok | Err | Have
+
+
+def _decode(line: bytes) -> str:
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(ErrorCode.BAD_HEADER, "the request line is not UTF-8") from None
+
+
+def _number(text: str, what: str) -> int:
+    if not _DIGITS.match(text):
+        raise WireError(ErrorCode.BAD_HEADER, f"{what} must be a whole number of bytes, not {_quote(text)}")
+    return int(text)
+
+
+def parseRequest(line: bytes) -> Request:
+    """Parse one request line (without its LF; a trailing CR is dropped).
+
+    Checks the syntax only: the name still has to pass ``checkPath``.
+    """
+    text = _decode(line)
+    verb, sep, rest = text.partition(" ")
+    if verb not in ("PUT", "STAT"):
+        raise WireError(ErrorCode.BAD_HEADER, f"unknown request {_quote(verb[:20])}: expected PUT or STAT")
+    if not sep:
+        raise WireError(ErrorCode.BAD_HEADER, f"{verb} needs a size and a name")
+    options: dict[str, str] = {}
+    while True:
+        token, sep, after = rest.partition(" ")
+        if "=" not in token:
+            break
+        key, _, value = token.partition("=")
+        if key in options:
+            raise WireError(ErrorCode.BAD_HEADER, f"option {_quote(key)} given twice")
+        options[key] = value
+        if not sep:
+            raise WireError(ErrorCode.BAD_HEADER, f"{verb} needs a size and a name after its options")
+        rest = after
+    if not token:
+        raise WireError(ErrorCode.BAD_HEADER, "fields must be separated by one space")
+    if not sep:
+        raise WireError(ErrorCode.BAD_HEADER, f"{verb} needs a name after the size")
+    size = _number(token, "the size")
+    if size > MAX_SIZE:
+        raise WireError(ErrorCode.TOO_LARGE, f"{size} bytes is more than any file can hold")
+    name = after
+    token_ = options.pop("token", None)
+    if token_ is not None and not 0 < len(token_) <= MAX_TOKEN:
+        raise WireError(ErrorCode.BAD_HEADER, f"token= must be 1 to {MAX_TOKEN} characters")
+    if verb == "STAT":
+        if options:
+            raise WireError(ErrorCode.BAD_HEADER, f"unknown STAT option {_quote(sorted(options)[0])}")
+        return Stat(size, name, token_)
+    return _put(size, name, token_, options)
+
+
+def _put(size: int, name: str, token: str | None, options: dict[str, str]) -> Put:
+    sha256: str | None = None
+    trailer = False
+    value = options.pop("sha256", None)
+    if value == "trailer":
+        trailer = True
+    elif value is not None:
+        if not _HEX64.match(value):
+            raise WireError(ErrorCode.BAD_HEADER, "sha256= must be 64 hex digits or 'trailer'")
+        sha256 = value.lower()
+    offset = 0
+    value = options.pop("offset", None)
+    if value is not None:
+        offset = _number(value, "offset=")
+        if offset > size:
+            raise WireError(ErrorCode.BAD_HEADER, f"offset={offset} is beyond the size {size}")
+        if offset and sha256 is None and not trailer:
+            raise WireError(ErrorCode.BAD_HEADER, "offset= needs sha256= (a resumed file must be verified)")
+    clash: Clash | None = None
+    value = options.pop("clash", None)
+    if value is not None:
+        try:
+            clash = Clash(value)
+        except ValueError:
+            raise WireError(ErrorCode.BAD_HEADER, "clash= must be 'rename' or 'fail'") from None
+    if options:
+        raise WireError(ErrorCode.BAD_HEADER, f"unknown PUT option {_quote(sorted(options)[0])}")
+    return Put(size, name, sha256, trailer, offset, token, clash)
+
+
+def parseTrailer(line: bytes) -> str:
+    """Parse ``SHA256 <64 hex>`` (without LF) into a lowercase hex digest."""
+    text = _decode(line)
+    word, _, value = text.partition(" ")
+    if word != "SHA256" or not _HEX64.match(value):
+        raise WireError(ErrorCode.BAD_HEADER, "expected the trailer line 'SHA256 <64 hex digits>'")
+    return value.lower()
+
+
+def formatPut(size: int, name: str, *, sha256: str | None = None, trailer: bool = False, offset: int = 0,
+              token: str | None = None, clash: Clash | None = None) -> bytes:
+    """The PUT request line, LF included."""
+    fields = ["PUT"]
+    if trailer:
+        fields.append("sha256=trailer")
+    elif sha256 is not None:
+        fields.append(f"sha256={sha256}")
+    if offset:
+        fields.append(f"offset={offset}")
+    if token is not None:
+        fields.append(f"token={token}")
+    if clash is not None:
+        fields.append(f"clash={clash.value}")
+    return _line(" ".join([*fields, str(size), name]))
+
+
+def formatStat(size: int, name: str, token: str | None = None) -> bytes:
+    fields = ["STAT"] + ([f"token={token}"] if token is not None else [])
+    return _line(" ".join([*fields, str(size), name]))
+
+
+def formatTrailer(sha256: str) -> bytes:
+    return f"SHA256 {sha256}\n".encode("ascii")
+
+
+def formatOk(size: int, sha256: str, storedName: str) -> bytes:
+    return _line(f"OK {size} {sha256} {escapeName(storedName)}")
+
+
+def formatErr(code: ErrorCode | str, message: str) -> bytes:
+    message = " ".join(safeText(message).split())[:300] or str(code)
+    return _line(f"ERR {code} {message}")
+
+
+def formatHave(offset: int, sha256: str) -> bytes:
+    return f"HAVE {offset} {sha256}\n".encode("ascii")
+
+
+def _line(text: str) -> bytes:
+    try:
+        data = text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        raise WireError(ErrorCode.BAD_NAME, "the line cannot be written as UTF-8") from None
+    if b"\n" in data[:-1] or len(data) > MAX_HEADER:
+        raise WireError(ErrorCode.BAD_HEADER, "the line is too long or has a line break in it")
+    return data
+
+
+def parseReply(line: bytes) -> Reply:
+    """Parse a reply line from the server (without LF). Whatever a server sends
+    stays a plain value: names are unescaped here and must be escaped to be shown."""
+    text = line.decode("utf-8", "replace")
+    if text.endswith("\r"):
+        text = text[:-1]
+    word, _, rest = text.partition(" ")
+    try:
+        if word == "OK":
+            size, sha256, name = rest.split(" ", 2)
+            if _DIGITS.match(size) and _HEX64.match(sha256):
+                return Ok(int(size), sha256.lower(), unescapeName(name))
+        elif word == "HAVE":
+            offset, sha256 = rest.split(" ")
+            if _DIGITS.match(offset) and _HEX64.match(sha256):
+                return Have(int(offset), sha256.lower())
+        elif word == "ERR":
+            code, _, message = rest.partition(" ")
+            if code:
+                return Err(code, message)
+    except ValueError:
+        pass
+    raise WireError("bad-reply", f"the server sent an unexpected line: {_quote(text[:80])}")
+
+
+def checkPart(part: str) -> None:
+    """Raise ``WireError(bad-name)`` unless ``part`` is one safe file or folder name."""
+    if not part:
+        raise WireError(ErrorCode.BAD_NAME, "empty name (or a doubled or trailing '/')")
+    if part in (".", ".."):
+        raise WireError(ErrorCode.BAD_NAME, f"{part!r} is not a file name")
+    if "\\" in part:
+        raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a backslash (a path separator on Windows)")
+    for ch in part:
+        if ch in _BIDI or unicodedata.category(ch) in _BAD_CATEGORIES:
+            raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a control character (U+{ord(ch):04X})")
+
+
+def checkPath(name: str) -> tuple[str, ...]:
+    """Split a wire name into its parts (``folder/sub/file``), each checked by ``checkPart``."""
+    if name.startswith("/"):
+        raise WireError(ErrorCode.BAD_NAME, f"{_quote(name)} is an absolute path: send a relative name")
+    parts = tuple(name.split("/"))
+    if len(parts) > MAX_PARTS:
+        raise WireError(ErrorCode.BAD_NAME, f"more than {MAX_PARTS} folders deep")
+    for part in parts:
+        checkPart(part)
+    return parts
+
+
+def storedParts(parts: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """The stored path: ``prefix`` on the first part, every part within ``MAX_NAME_BYTES``.
+
+    The server's temp and partial files have names of their own (fixed length,
+    see ``RESERVED_PREFIX``), so no temp suffix has to fit into a stored name.
+    """
+    stored = (prefix + parts[0], *parts[1:])
+    for part in stored:
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise WireError(ErrorCode.BAD_NAME, f"{_quote(part[:40])}... is longer than {MAX_NAME_BYTES} bytes")
+        if part.startswith(RESERVED_PREFIX):
+            raise WireError(ErrorCode.BAD_NAME, f"names starting with {RESERVED_PREFIX!r} are the server's own")
+    return stored
+
+
+def escapeName(name: str) -> str:
+    """Show a name safely on one terminal line: ``\\`` and every character that
+    is not printable (controls, escapes, line breaks, bidi marks, invisible
+    formatting, undecodable bytes) become Python-style ``\\xNN``/``\\uNNNN``."""
+    return _escape(name, backslash=True)
+
+
+def safeText(text: str) -> str:
+    """Like ``escapeName`` but backslashes stay as they are: for messages, which may
+    already quote escaped names and are only ever shown, never parsed back."""
+    return _escape(text, backslash=False)
+
+
+def _escape(name: str, backslash: bool) -> str:
+    if name.isprintable() and not (backslash and "\\" in name):
+        return name
+    out = []
+    for ch in name:
+        if ch == "\\" and backslash:
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+
+
+def unescapeName(text: str) -> str:
+    """Undo ``escapeName`` (anything that is not one of its escapes stays as it is)."""
+    if "\\" not in text:
+        return text
+
+    def one(match: re.Match[str]) -> str:
+        body = match.group(1)
+        return "\\" if body == "\\" else chr(int(body[1:], 16))
+
+    return _ESCAPE.sub(one, text)
+
+
+def _quote(text: str) -> str:
+    return f"'{escapeName(text)}'"
+
+
+def checkToken(text: str) -> str:
+    """The token as sent in ``token=``: surrounding whitespace dropped, no spaces or controls inside."""
+    token = text.strip()
+    if not token:
+        raise ValueError("the token is empty")
+    if len(token) > MAX_TOKEN:
+        raise ValueError(f"the token is longer than {MAX_TOKEN} characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ValueError("the token may not contain spaces or control characters")
+    return token

@@ -1,0 +1,157 @@
+"""``twistd tcplab-file``: the verified, atomic, resumable file drop (Task 3)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.application import service
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+
+from tcplab.fileserver import FileReceiverFactory
+from tcplab.filestore import FileStore
+from tcplab.filewire import MAX_NAME_BYTES, RESERVED_PREFIX, WireError, checkPart, checkToken, escapeName
+from tcplab.tap.options import ListeningService, ServerOptions, floatOption, intOption
+
+log = Logger(namespace="tcplab.file")
+
+TOKEN_ENV = "TCPLAB_TOKEN"
+_SIZE = re.compile(r"([0-9]+)\s*([kmgtKMGT]?)(?:i?[bB])?\Z")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def sizeOption(name: str, value: str) -> int:
+    """``1048576``, ``512K``, ``100M``, ``2G``, ``1TiB`` (powers of 1024), or a one-line UsageError."""
+    match = _SIZE.match(value.strip())
+    if not match:
+        raise usage.UsageError(f"{name} must be a size such as 1048576, 500M or 2G, not {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def readTokenFile(path: str) -> str:
+    """The token in ``path``, or a one-line UsageError saying what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except OSError as e:
+        raise usage.UsageError(f"cannot read --token-file {path!r}: {e.strerror}") from None
+    try:
+        return checkToken(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise usage.UsageError(f"--token-file {path!r}: {e}") from None
+
+
+class Options(ServerOptions):
+    synopsis = ("[--port 9000] [--interface ADDR] [--listen ENDPOINT]... [--dir DIR] [--prefix received_] "
+                "[--max-size BYTES] [--token-file F] [--overwrite]")
+    longdesc = (
+        "Receive files (tcplab send, or nc: printf 'PUT <size> <name>\\n' then the bytes) and store each "
+        "as <prefix><name> in --dir, verified by SHA-256, fsync'ed and renamed into place atomically. "
+        f"The token can also come from ${TOKEN_ENV}. See docs/PROTOCOL.md."
+    )
+    defaultPort = 9000
+
+    optFlags = [["overwrite", None, "Replace an existing file of the same name (default: store as 'name (1).ext')."]]
+    optParameters = [
+        ["dir", "d", ".", "Folder to store files in."],
+        ["prefix", None, "received_", "Put in front of every stored name (may be empty)."],
+        ["max-size", None, None, "Largest file accepted, e.g. 500M or 2G (default: what the disk has free)."],
+        ["token-file", None, None, f"Require the token in this file from every client (or set ${TOKEN_ENV})."],
+        ["header-timeout", None, "30", "Seconds a client has to send a complete request line."],
+        ["idle-timeout", None, "300", "Seconds a body may stall before the upload is dropped."],
+        ["max-files-per-connection", None, "1000", "Requests (PUT or STAT) one connection may make."],
+        ["partial-ttl", None, "86400", "Seconds an interrupted upload is kept for --resume."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        directory = self["dir"]
+        if not os.path.isdir(directory):
+            raise usage.UsageError(f"--dir {directory!r} is not a folder")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise usage.UsageError(f"--dir {directory!r} is not writable by this user")
+        prefix = self["prefix"]
+        try:
+            if prefix:
+                checkPart(prefix)
+        except WireError as e:
+            raise usage.UsageError(f"--prefix {escapeName(prefix)!r}: {e.message}") from None
+        if prefix.startswith(RESERVED_PREFIX) or len(prefix.encode()) > MAX_NAME_BYTES - 16:
+            raise usage.UsageError(f"--prefix may not start with {RESERVED_PREFIX!r} or be that long")
+        if self["max-size"] is not None:
+            self["max-size"] = sizeOption("--max-size", self["max-size"])
+        self["header-timeout"] = floatOption("--header-timeout", self["header-timeout"], 0.1, 86400)
+        self["idle-timeout"] = floatOption("--idle-timeout", self["idle-timeout"], 0.1, 86400 * 7)
+        self["max-files-per-connection"] = intOption(
+            "--max-files-per-connection", self["max-files-per-connection"], 1, 10**9)
+        self["partial-ttl"] = floatOption("--partial-ttl", self["partial-ttl"], 1, 86400 * 365)
+        if self["token-file"]:
+            self["token"] = readTokenFile(self["token-file"])
+        elif os.environ.get(TOKEN_ENV):
+            try:
+                self["token"] = checkToken(os.environ[TOKEN_ENV])
+            except ValueError as e:
+                raise usage.UsageError(f"${TOKEN_ENV}: {e}") from None
+        else:
+            self["token"] = None
+
+
+class FileService(service.MultiService):
+    """The listeners, the store they write into, and the cleaner of stale partial files."""
+
+    def __init__(self, options: Options, reactor: object = None) -> None:
+        super().__init__()
+        from twisted.internet import reactor as defaultReactor
+
+        self.reactor = reactor or defaultReactor
+        self.options = options
+        self.store = FileStore(options["dir"], overwrite=options["overwrite"])
+        token = options["token"]
+        self.factory = FileReceiverFactory(
+            self.store,
+            prefix=options["prefix"],
+            token=token.encode("utf-8") if token else None,
+            maxSize=options["max-size"],
+            headerTimeout=options["header-timeout"],
+            idleTimeout=options["idle-timeout"],
+            maxFiles=options["max-files-per-connection"],
+            clock=self.reactor,  # type: ignore[arg-type]
+        )
+        self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
+        self.tcp.setServiceParent(self)
+        ttl = options["partial-ttl"]
+        self.cleaner = TimerService(max(1.0, min(ttl / 4, 3600.0)), self.cleanStale)
+        self.cleaner.clock = self.reactor
+        self.cleaner.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        token = " (token required)" if self.options["token"] else ""
+        log.info("storing files in {dir} as {prefix}<name>{token}", dir=os.path.abspath(self.options["dir"]),
+                 prefix=escapeName(self.options["prefix"]), token=token)
+
+    def cleanStale(self) -> Deferred[None]:
+        def report(removed: int) -> None:
+            if removed:
+                log.info("removed {n} stale partial file(s)", n=removed)
+
+        def failed(failure: object) -> None:
+            log.failure("cleaning stale partial files failed", failure)  # type: ignore[arg-type]
+
+        d = self.store.runBlocking(self.store.cleanStale, self.options["partial-ttl"])
+        return d.addCallbacks(report, failed)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        d = super().stopService()
+        if not self.factory.connections:
+            self.store.close()  # else a commit may still be using it; the process is ending anyway
+        return d
+
+
+def makeService(options: Options) -> FileService:
+    service_ = FileService(options)
+    service_.setName("tcplab-file")
+    return service_

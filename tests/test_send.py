@@ -1,0 +1,676 @@
+"""``tcplab send`` against a real tcplab-file server over loopback, and its exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from typing import Any
+
+import twisted.test
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from tcplab.cli.send import collectFiles
+from tcplab.errors import (
+    AlreadyExists,
+    ConnectionLostError,
+    LocalFileError,
+    RefusedByServer,
+    TimedOut,
+    VerificationFailed,
+)
+from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode
+from tcplab.filewire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
+from tcplab.tap import file as filetap
+
+
+def scratch(case: Any) -> str:
+    """A fresh folder removed after the test (``mktemp`` would leave folders in the
+    working directory under pytest)."""
+    path = tempfile.mkdtemp(prefix="tcplab-test-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+LAB_TEXT = b"The lab's important secret.\n" * 100
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class LoopbackTestCase(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = scratch(self)
+        self.src = scratch(self)
+        self.service = self.startServer()
+
+    def startServer(self, *args: str, directory: str | None = None) -> filetap.FileService:
+        options = filetap.Options()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--dir", directory or self.dir, *args])
+        service = filetap.FileService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.port = service.tcp.ports[0].getHost().port
+        return service
+
+    def source(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.src, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def uploader(self, endpoint: Any = None, **kwargs: Any) -> Uploader:
+        def connect() -> Deferred[Any]:
+            client = FileSender(reactor, 10)
+            target = endpoint or TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+            return target.connect(Factory.forProtocol(lambda: client))
+
+        uploader = Uploader(connect, **kwargs)
+        self.addCleanup(lambda: ensureDeferred(uploader.close()))
+        return uploader
+
+    def stored(self, *parts: str) -> bytes:
+        with open(os.path.join(self.dir, *parts), "rb") as f:
+            return f.read()
+
+    def visible(self) -> list[str]:
+        return sorted(os.path.relpath(os.path.join(d, n), self.dir)
+                      for d, _, names in os.walk(self.dir) for n in names if not n.startswith(".tcplab-"))
+
+    async def idle(self) -> None:
+        """Wait (bounded) until the server has seen every connection go."""
+        for _ in range(500):
+            if not self.service.factory.connections:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("the server kept a connection open")
+
+
+class FlowTests(LoopbackTestCase):
+    async def test_labExample(self) -> None:
+        """``tcplab send important_secret_file.txt`` stores received_important_secret_file.txt, verified."""
+        path = self.source("important_secret_file.txt", LAB_TEXT)
+        sent = await self.uploader().send(path, "important_secret_file.txt")
+        self.assertEqual(sent.stored, "received_important_secret_file.txt")
+        self.assertEqual(sent.sha256, sha(LAB_TEXT))
+        self.assertEqual(sha(self.stored("received_important_secret_file.txt")), sha(LAB_TEXT))
+
+    async def test_severalFilesOneConnection(self) -> None:
+        uploader = self.uploader()
+        contents = {f"f{i}.bin": os.urandom(1000 * i) for i in range(5)}
+        for name, data in contents.items():
+            await uploader.send(self.source(name, data), name)
+        self.assertEqual(uploader.connections, 1)
+        for name, data in contents.items():
+            self.assertEqual(self.stored("received_" + name), data)
+
+    async def test_recursiveFolder(self) -> None:
+        self.source("top/a.txt", b"a")
+        self.source("top/sub/b.txt", b"b")
+        self.source("top/sub/deeper/звіт 2025.txt", b"c")
+        uploader = self.uploader()
+        for item in collectFiles([os.path.join(self.src, "top")], True):
+            await uploader.send(item.path, item.name)
+        self.assertEqual(self.visible(), ["received_top/a.txt", "received_top/sub/b.txt",
+                                          "received_top/sub/deeper/звіт 2025.txt"])
+
+    async def test_resumeAfterConnectionCut(self) -> None:
+        """A transfer cut off mid-body continues where the server stopped; the hash covers it all."""
+        data = os.urandom(3 << 20)
+        path = self.source("big.bin", data)
+        cut = 1 << 20
+
+        class HalfSender(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(formatPut(len(data), "big.bin", trailer=True) + data[:cut])
+                self.transport.loseConnection()
+
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(HalfSender))
+        await self.idle()
+        self.assertEqual(self.visible(), [])
+        sent = await self.uploader(resume=True).send(path, "big.bin")
+        self.assertEqual(sent.resumedAt, cut)
+        self.assertEqual(sent.sha256, sha(data))
+        self.assertEqual(self.stored("received_big.bin"), data)
+        self.assertEqual(os.listdir(self.dir), ["received_big.bin"])
+
+    async def test_resumeAfterClientKilled(self) -> None:
+        """The client's connection is aborted mid-body; ``--resume`` then completes the file."""
+        data = os.urandom(4 << 20)
+        path = self.source("big.bin", data)
+        uploader = self.uploader()
+
+        def progress(n: int) -> None:
+            if progress.sent < (1 << 20) <= progress.sent + n:  # type: ignore[attr-defined]
+                uploader._client.transport.abortConnection()  # type: ignore[union-attr]
+            progress.sent += n  # type: ignore[attr-defined]
+
+        progress.sent = 0  # type: ignore[attr-defined]
+        with self.assertRaises(ConnectionLostError):
+            await uploader.send(path, "big.bin", progress)
+        await self.idle()
+        self.assertEqual(self.visible(), [])
+        sent = await self.uploader(resume=True).send(path, "big.bin")
+        self.assertEqual(sent.sha256, sha(data))
+        self.assertEqual(self.stored("received_big.bin"), data)
+
+    async def test_resumeNothingHeld(self) -> None:
+        path = self.source("a.txt", b"abc")
+        sent = await self.uploader(resume=True).send(path, "a.txt")
+        self.assertEqual((sent.resumedAt, sent.stored), (0, "received_a.txt"))
+
+    async def test_resumeDifferentContent(self) -> None:
+        """What the server holds is of another file with that name and size: start from 0."""
+        old, new = b"A" * 100_000, b"B" * 100_000
+
+        class HalfSender(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(formatPut(len(old), "x", trailer=True) + old[:50_000])
+                self.transport.loseConnection()
+
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(HalfSender))
+        await self.idle()
+        sent = await self.uploader(resume=True).send(self.source("x", new), "x")
+        self.assertEqual(sent.resumedAt, 0)
+        self.assertEqual(self.stored("received_x"), new)
+
+    async def test_reconnectAtTheCap(self) -> None:
+        """The server's per-connection cap is not the client's problem: it reconnects and goes on."""
+        self.startServer("--max-files-per-connection", "2", directory=self.dir)
+        uploader = self.uploader()
+        for i in range(5):
+            await uploader.send(self.source(f"f{i}", b"%d" % i), f"f{i}")
+        self.assertEqual(uploader.connections, 3)
+        self.assertEqual(self.visible(), [f"received_f{i}" for i in range(5)])
+
+    async def test_partialGoneBeforePut(self) -> None:
+        """The partial vanishes between STAT and PUT (bad-offset): the file is sent again from 0."""
+        data = os.urandom(200_000)
+
+        class HalfSender(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(formatPut(len(data), "x", trailer=True) + data[:100_000])
+                self.transport.loseConnection()
+
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(HalfSender))
+        await self.idle()
+
+        def cleanFirst(f: Any, *args: Any) -> Deferred[Any]:
+            for name in os.listdir(self.dir):
+                os.unlink(os.path.join(self.dir, name))
+            return maybeDeferred(f, *args)
+
+        uploader = self.uploader(resume=True)
+        uploader.runBlocking = cleanFirst
+        sent = await uploader.send(self.source("x", data), "x")
+        self.assertEqual((sent.resumedAt, sent.sha256), (0, sha(data)))
+        self.assertEqual(self.stored("received_x"), data)
+
+    async def test_clashNaming(self) -> None:
+        uploader = self.uploader()
+        path = self.source("report (1) [final].txt", b"v1")
+        first = await uploader.send(path, "report (1) [final].txt")
+        second = await uploader.send(path, "report (1) [final].txt")
+        self.assertEqual((first.stored, second.stored),
+                         ("received_report (1) [final].txt", "received_report (1) [final] (1).txt"))
+
+    async def test_noRename(self) -> None:
+        path = self.source("a.txt", b"v1")
+        await self.uploader().send(path, "a.txt")
+        uploader = self.uploader(clash=Clash.FAIL)
+        with self.assertRaises(AlreadyExists):
+            await uploader.send(path, "a.txt")
+        self.assertEqual(self.visible(), ["received_a.txt"])
+        other = await uploader.send(self.source("b.txt", b"b"), "b.txt")
+        self.assertEqual(other.stored, "received_b.txt")
+        self.assertEqual(uploader.connections, 2, "a new connection after the refusal")
+
+    async def test_symlinkPlanted(self) -> None:
+        victim = self.source("victim", b"precious")
+        os.symlink(victim, os.path.join(self.dir, "received_a.txt"))
+        sent = await self.uploader().send(self.source("a.txt", b"evil"), "a.txt")
+        self.assertEqual(sent.stored, "received_a (1).txt")
+        with open(victim, "rb") as f:
+            self.assertEqual(f.read(), b"precious")
+
+    async def test_overwrite(self) -> None:
+        directory = scratch(self)
+        self.startServer("--overwrite", directory=directory)
+        uploader = self.uploader()
+        await uploader.send(self.source("a", b"old"), "a")
+        sent = await uploader.send(self.source("a", b"new"), "a")
+        self.assertEqual(sent.stored, "received_a")
+        with open(os.path.join(directory, "received_a"), "rb") as f:
+            self.assertEqual(f.read(), b"new")
+
+    async def test_token(self) -> None:
+        tokenFile = self.source("token", b"s3cret\n")
+        self.startServer("--token-file", tokenFile, directory=self.dir)
+        path = self.source("a", b"x")
+        with self.assertRaises(RefusedByServer) as caught:
+            await self.uploader().send(path, "a")
+        self.assertIn("token", str(caught.exception))
+        with self.assertRaises(RefusedByServer):
+            await self.uploader(token="wrong").send(path, "a")
+        sent = await self.uploader(token="s3cret").send(path, "a")
+        self.assertEqual(sent.stored, "received_a")
+
+    async def test_maxSize(self) -> None:
+        self.startServer("--max-size", "1K", directory=self.dir)
+        with self.assertRaises(RefusedByServer) as caught:
+            await self.uploader().send(self.source("big", os.urandom(2 << 20)), "big")
+        self.assertIn("too-large", str(caught.exception))
+        self.assertEqual(os.listdir(self.dir), [])
+
+    async def test_writeErrorServerKeepsServing(self) -> None:
+        store = self.service.store
+
+        def failing(fd: int, data: Any) -> int:
+            raise OSError(5, "Input/output error")
+
+        store.write = failing
+        with self.assertRaises(RefusedByServer) as caught:
+            await self.uploader().send(self.source("a", os.urandom(100_000)), "a")
+        self.assertIn("io-error", str(caught.exception))
+        self.assertEqual(os.listdir(self.dir), [])
+        store.write = os.write
+        sent = await self.uploader().send(self.source("b", b"fine"), "b")
+        self.assertEqual(sent.stored, "received_b")
+
+    async def test_tenConcurrentUploads(self) -> None:
+        contents = {f"c{i}": os.urandom(256 * 1024 + i) for i in range(10)}
+        sends = [ensureDeferred(self.uploader().send(self.source(n, d), n)) for n, d in contents.items()]
+        results = await DeferredList(sends, fireOnOneErrback=True, consumeErrors=True)
+        self.assertEqual(len(results), 10)
+        for name, data in contents.items():
+            self.assertEqual(self.stored("received_" + name), data)
+
+    async def test_tls(self) -> None:
+        """TLS needs nothing but endpoint strings on both sides."""
+        pem = FilePath(twisted.test.__file__).sibling("server.pem").path
+        options = filetap.Options()
+        options.parseOptions(["--listen", f"ssl:0:interface=127.0.0.1:privateKey={pem}:certKey={pem}",
+                              "--dir", self.dir])
+        service = filetap.FileService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service.tcp.ports[0].getHost().port
+        endpoint = clientFromString(reactor, f"ssl:host=127.0.0.1:port={port}")
+        uploader = self.uploader(endpoint)
+        sent = await uploader.send(self.source("secret.txt", LAB_TEXT), "secret.txt")
+        self.assertEqual(sent.sha256, sha(LAB_TEXT))
+        with self.assertRaises(AlreadyExists):
+            await self.uploader(endpoint, clash=Clash.FAIL).send(
+                self.source("secret.txt", LAB_TEXT), "secret.txt")
+
+    async def test_refusalHeardWhileSending(self) -> None:
+        """Refused on its request line while the client keeps sending megabytes of body: the
+        client reads the ERR and ends cleanly (the server drains instead of resetting)."""
+        received: Deferred[bytes] = Deferred()
+
+        class Pusher(Protocol):
+            data = b""
+
+            def connectionMade(self) -> None:
+                self.transport.write(b"PUT 8388608 ../../etc/passwd\n" + b"x" * (8 << 20))
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+            def connectionLost(self, reason: Any = None) -> None:
+                received.callback(self.data)
+
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(Pusher))
+        reply = await received
+        self.assertTrue(reply.startswith(b"ERR bad-name "), reply)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    async def test_ncRefusedCleanly(self) -> None:
+        """nc pushing a file the server refuses still prints the ERR and exits 0, no broken pipe."""
+        if shutil.which("ncat") is None:
+            raise SkipTest("ncat is not installed")
+        self.startServer("--max-size", "1K", directory=self.dir)
+        self.source("big.bin", b"x" * (3 << 20))
+        line = f"{{ printf 'PUT %d %s\\n' 3145728 big.bin; cat big.bin; }} | ncat 127.0.0.1 {self.port}"
+        out, err, code = await getProcessOutputAndValue("/bin/sh", ["-c", line], env=dict(os.environ), path=self.src)
+        self.assertEqual((code, err), (0, b""))
+        self.assertTrue(out.startswith(b"ERR too-large "), out)
+
+    async def test_localFileMissing(self) -> None:
+        with self.assertRaises(LocalFileError):
+            await self.uploader().send(os.path.join(self.src, "nope"), "nope")
+
+    async def test_ncOneLiner(self) -> None:
+        """The README's shell one-liner uploads a file with nothing but printf, cat and ncat."""
+        if shutil.which("ncat") is None:
+            raise SkipTest("ncat is not installed")
+        self.source("f.txt", LAB_TEXT)
+        line = ("{ printf 'PUT %d %s\\n' \"$(stat -c%s f.txt)\" f.txt; cat f.txt; } | "
+                f"ncat 127.0.0.1 {self.port}")
+        out, err, code = await getProcessOutputAndValue("/bin/sh", ["-c", line], env=dict(os.environ), path=self.src)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, f"OK {len(LAB_TEXT)} {sha(LAB_TEXT)} received_f.txt\n".encode())
+        self.assertEqual(self.stored("received_f.txt"), LAB_TEXT)
+
+
+class FakeServer(Protocol):
+    """A misbehaving server: ``mode`` says how."""
+
+    mode = "silent"
+    seen: Deferred[None] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.seen is not None and not self.seen.called:
+            self.seen.callback(None)
+        if self.mode == "lie" and b"SHA256 " in data:
+            self.transport.write(b"OK 3 " + b"0" * 64 + b" received_\x1b[2Jx\n")
+        elif self.mode == "close":
+            self.transport.loseConnection()
+        elif self.mode == "escape":
+            self.transport.write(b"ERR bad-name \x1b]0;pwned\x07 evil\n")
+
+
+class ExitCodeTests(LoopbackTestCase):
+    """``python -m tcplab send`` exit statuses: one line on stderr, no traceback, a code that means something."""
+
+    async def run_(self, *args: str, env: dict[str, str] | None = None, lines: int = 1) -> tuple[str, str, int]:
+        environ = {k: v for k, v in os.environ.items() if k != "TCPLAB_TOKEN"}
+        environ.update(env or {})
+        out, err, code = await getProcessOutputAndValue(sys.executable, ["-m", "tcplab", "send", *args],
+                                                        env=environ, path=self.src)
+        text = err.decode()
+        self.assertNotIn("Traceback", text)
+        self.assertLessEqual(text.count("\n"), lines, text)
+        return out.decode(), text, code
+
+    def fake(self, mode: str) -> int:
+        FakeServer.mode = mode
+        port = reactor.listenTCP(0, Factory.forProtocol(FakeServer), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port  # type: ignore[no-any-return]
+
+    async def test_ok(self) -> None:
+        self.source("important_secret_file.txt", LAB_TEXT)
+        out, err, code = await self.run_("--port", str(self.port), "important_secret_file.txt")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("-> received_important_secret_file.txt", out)
+        self.assertIn(sha(LAB_TEXT), out)
+        self.assertEqual(self.stored("received_important_secret_file.txt"), LAB_TEXT)
+
+    async def test_usage(self) -> None:
+        _, err, code = await self.run_("--port", str(self.port))
+        self.assertEqual(code, 2)
+        self.assertIn("FILE", err)
+        _, _, code = await self.run_("--bogus", "x")
+        self.assertEqual(code, 2)
+
+    async def test_connectionRefused(self) -> None:
+        self.source("a", b"x")
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        _, err, code = await self.run_("--host", "127.0.0.1", "--port", str(port), "a")
+        self.assertEqual(code, 3)
+        self.assertIn("refused", err)
+
+    async def test_localFileProblems(self) -> None:
+        _, err, code = await self.run_("--port", str(self.port), "missing.txt")
+        self.assertEqual(code, 6)
+        self.assertIn("missing.txt", err)
+        os.mkdir(os.path.join(self.src, "folder"))
+        _, err, code = await self.run_("--port", str(self.port), "folder")
+        self.assertEqual(code, 6)
+        self.assertIn("-r", err)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    async def test_refused(self) -> None:
+        self.startServer("--max-size", "10", directory=self.dir)
+        self.source("big", b"x" * 11)
+        _, err, code = await self.run_("--port", str(self.port), "big")
+        self.assertEqual(code, 7)
+        self.assertIn("too-large", err)
+
+    async def test_badToken(self) -> None:
+        self.service.factory.token = b"right"
+        self.source("a", b"x")
+        _, err, code = await self.run_("--port", str(self.port), "a", env={"TCPLAB_TOKEN": "wrong"})
+        self.assertEqual(code, 7)
+        self.assertIn("bad-token", err)
+        out, _, code = await self.run_("--port", str(self.port), "a", env={"TCPLAB_TOKEN": "right"})
+        self.assertEqual(code, 0)
+
+    async def test_tokenFileProblems(self) -> None:
+        self.source("a", b"x")
+        _, err, code = await self.run_("--port", str(self.port), "--token-file", "missing-token", "a")
+        self.assertEqual(code, 6)
+        self.assertIn("missing-token", err)
+        self.source("bad-token", b"two words\n")
+        _, err, code = await self.run_("--port", str(self.port), "--token-file", "bad-token", "a")
+        self.assertEqual(code, 2)
+        self.assertIn("spaces", err)
+
+    async def test_alreadyExists(self) -> None:
+        self.source("a.txt", b"x")
+        await self.run_("--port", str(self.port), "a.txt")
+        _, err, code = await self.run_("--port", str(self.port), "--no-rename", "a.txt")
+        self.assertEqual(code, 8)
+        self.assertIn("exists", err)
+
+    async def test_verificationFailed(self) -> None:
+        """A server that claims another hash is caught; what it says is shown escaped."""
+        self.source("a", b"abc")
+        out, err, code = await self.run_("--port", str(self.fake("lie")), "a")
+        self.assertEqual(code, 9)
+        self.assertNotIn("\x1b", out + err)
+
+    async def test_connectionLost(self) -> None:
+        self.source("a", b"abc")
+        _, err, code = await self.run_("--port", str(self.fake("close")), "a")
+        self.assertEqual(code, 4)
+        self.assertIn("--resume", err)
+
+    async def test_timedOut(self) -> None:
+        self.source("a", b"abc")
+        _, _, code = await self.run_("--port", str(self.fake("silent")), "--timeout", "0.5", "a")
+        self.assertEqual(code, 5)
+
+    async def test_hostileErrorMessage(self) -> None:
+        self.source("a", b"abc")
+        _, err, code = await self.run_("--port", str(self.fake("escape")), "a")
+        self.assertEqual(code, 7)
+        self.assertNotIn("\x1b", err)
+        self.assertNotIn("\x07", err)
+        self.assertIn("\\x1b", err)
+
+    async def test_severalFailuresSummarised(self) -> None:
+        self.source("a", b"1")
+        self.source("b", b"2")
+        await self.run_("--port", str(self.port), "a", "b")
+        out, err, code = await self.run_("--port", str(self.port), "--no-rename", "a", "b", lines=3)
+        self.assertEqual(code, 8)
+        self.assertEqual(err.count("already exists"), 2)
+        self.assertIn("2 of 2", err)
+
+    async def test_interrupted(self) -> None:
+        """Ctrl-C is never success."""
+        self.source("a", b"abc")
+        FakeServer.seen = Deferred()
+        self.addCleanup(setattr, FakeServer, "seen", None)
+        port = self.fake("silent")
+        ended: Deferred[int] = Deferred()
+
+        class Watch(ProcessProtocol):
+            def processEnded(self, reason: Any) -> None:
+                ended.callback(reason.value.exitCode)
+
+        process = reactor.spawnProcess(Watch(), sys.executable, [sys.executable, "-m", "tcplab", "send", "--port",
+                                       str(port), "--timeout", "20", "a"], env=dict(os.environ), path=self.src)
+        await FakeServer.seen
+        process.signalProcess(signal.SIGINT)
+        self.assertEqual(await ended, 130)
+
+
+class ClientProtocolTests(SynchronousTestCase):
+    """FileSender on its own, through StringTransport and a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.client = FileSender(self.clock, 10, chunkSize=4)
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+        path = os.path.join(scratch(self), "h")
+        with open(path, "wb") as f:
+            f.write(b"hello world")
+        self.fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, self.fd)
+        self.hasher = hashlib.sha256()
+
+    def put(self) -> Deferred[Any]:
+        return self.client.put(formatPut(11, "h", trailer=True), "h", self.fd, 0, 11, self.hasher, "h")
+
+    def test_sendsHeaderBodyTrailer(self) -> None:
+        d = self.put()
+        self.assertEqual(self.transport.value(),
+                         formatPut(11, "h", trailer=True) + b"hello world" + formatTrailer(sha(b"hello world")))
+        self.assertNoResult(d)
+        self.client.dataReceived(formatOk(11, sha(b"hello world"), "received_h"))
+        self.assertEqual(self.successResultOf(d), Ok(11, sha(b"hello world"), "received_h"))
+        self.assertTrue(self.client.usable)
+
+    def test_errorStopsTheBody(self) -> None:
+        """An ERR while the body is going out: stop reading the file, fail, drop the connection."""
+        transport = self.reconnect(PausingTransport())
+        d = self.put()
+        producer = transport.producer
+        sent = len(transport.value())
+        self.assertEqual(sent, len(formatPut(11, "h", trailer=True)) + 4, "paused after one chunk")
+        self.client.dataReceived(formatErr(ErrorCode.TOO_LARGE, "no thanks"))
+        self.failureResultOf(d, RefusedByServer)
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)
+        producer.resumeProducing()
+        self.assertEqual(len(transport.value()), sent, "nothing more was sent")
+        self.assertFalse(self.client.usable)
+
+    def reconnect(self, transport: StringTransport) -> StringTransport:
+        self.client = FileSender(self.clock, 10, chunkSize=4)
+        self.client.makeConnection(transport)
+        return transport
+
+    def test_errorCodesMapToExitCodes(self) -> None:
+        for code, kind in [("exists", AlreadyExists), ("checksum-mismatch", VerificationFailed),
+                           ("timeout", TimedOut), ("short-body", ConnectionLostError), ("bad-name", RefusedByServer),
+                           ("io-error", RefusedByServer), ("some-future-code", RefusedByServer)]:
+            with self.subTest(code=code):
+                error = ServerError.make(Err(code, "why"), "f\x1b")
+                self.assertIsInstance(error, kind)
+                self.assertEqual(serverCode(error), code)
+
+    def test_garbageReply(self) -> None:
+        d = self.put()
+        self.client.dataReceived(b"HTTP/1.1 400 Bad Request\r\n")
+        self.assertIn("tcplab-file server", str(self.failureResultOf(d, RefusedByServer).value))
+
+    def test_endlessReplyLine(self) -> None:
+        d = self.put()
+        for _ in range(10):
+            self.client.dataReceived(b"x" * 1000)
+        self.failureResultOf(d, RefusedByServer)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_timeout(self) -> None:
+        d = self.put()
+        self.clock.advance(9.9)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.failureResultOf(d, TimedOut)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connectionLost(self) -> None:
+        d = self.put()
+        self.client.connectionLost(Failure(Exception("reset")))
+        self.failureResultOf(d, ConnectionLostError)
+
+    def test_okBeforeTheBodyEnds(self) -> None:
+        """A server that answers before it has the whole file is not believed."""
+        self.reconnect(PausingTransport())
+        d = self.put()
+        self.client.dataReceived(formatOk(11, sha(b"hello world"), "received_h"))
+        self.failureResultOf(d, RefusedByServer)
+
+    def test_unaskedErrorMakesConnectionUnusable(self) -> None:
+        self.client.dataReceived(formatErr(ErrorCode.TIMEOUT, "idle"))
+        self.assertFalse(self.client.usable)
+
+
+class PausingTransport(StringTransport):
+    """Pauses its producer after every write, like a real transport with a full buffer."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+
+class CollectTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.top = scratch(self)
+        os.makedirs(os.path.join(self.top, "folder", "sub"))
+        for name in ["folder/a.txt", "folder/sub/b.txt", "plain.txt"]:
+            with open(os.path.join(self.top, name), "wb") as f:
+                f.write(b"x")
+
+    def test_files(self) -> None:
+        items = collectFiles([os.path.join(self.top, "plain.txt")], False)
+        self.assertEqual([(i.name, i.size) for i in items], [("plain.txt", 1)])
+
+    def test_folderNeedsRecursive(self) -> None:
+        with self.assertRaises(LocalFileError) as caught:
+            collectFiles([os.path.join(self.top, "folder")], False)
+        self.assertIn("-r", str(caught.exception))
+
+    def test_recursive(self) -> None:
+        os.mkfifo(os.path.join(self.top, "folder", "fifo"))
+        os.symlink(self.top, os.path.join(self.top, "folder", "loop"))
+        warnings: list[str] = []
+        items = collectFiles([os.path.join(self.top, "folder") + "/"], True, warnings.append)
+        self.assertEqual([i.name for i in items], ["folder/a.txt", "folder/sub/b.txt"])
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("fifo", warnings[0])
+
+    def test_missing(self) -> None:
+        with self.assertRaises(LocalFileError):
+            collectFiles([os.path.join(self.top, "nope")], False)
+
+    def test_unsendableNames(self) -> None:
+        for name in ["line\nbreak", "carriage\r", os.fsdecode(b"latin1-\xe9")]:
+            path = os.path.join(self.top, name)
+            with open(path, "wb") as f:
+                f.write(b"x")
+            with self.subTest(name=name), self.assertRaises(LocalFileError) as caught:
+                collectFiles([path], False)
+            self.assertTrue(str(caught.exception).isprintable())
+
+    def test_oddNamesKept(self) -> None:
+        path = os.path.join(self.top, "звіт (1) [final].txt")
+        with open(path, "wb") as f:
+            f.write(b"x")
+        self.assertEqual(collectFiles([path], False)[0].name, "звіт (1) [final].txt")
