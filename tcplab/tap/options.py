@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import resource
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -119,21 +120,19 @@ def _portDescription(port: int, interface: str) -> str:
 
 def intOption(name: str, value: object, low: int, high: int) -> int:
     """Parse a bounded integer option, or raise a one-line UsageError."""
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise usage.UsageError(f"{name} must be a whole number, not {value!r}") from None
-    if not low <= number <= high:
-        raise usage.UsageError(f"{name} must be between {low} and {high}, not {number}")
-    return number
+    return _bounded(name, value, low, high, int, "a whole number")
 
 
 def floatOption(name: str, value: object, low: float, high: float) -> float:
     """Parse a bounded number option, or raise a one-line UsageError."""
+    return _bounded(name, value, low, high, float, "a number")
+
+
+def _bounded(name: str, value: object, low: Any, high: Any, convert: Callable[[str], Any], kind: str) -> Any:
     try:
-        number = float(str(value))
+        number = convert(str(value))
     except ValueError:
-        raise usage.UsageError(f"{name} must be a number, not {value!r}") from None
+        raise usage.UsageError(f"{name} must be {kind}, not {value!r}") from None
     if not low <= number <= high:
         raise usage.UsageError(f"{name} must be between {low} and {high}, not {number}")
     return number
