@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -23,12 +24,17 @@ def childEnv() -> dict[str, str]:
 class ServerProcess:
     """``twistd -n <plugin> ...`` in a child process, with the TCP port it bound."""
 
-    def __init__(self, plugin: str, *argv: str, timeout: float = 20.0) -> None:
+    def __init__(self, plugin: str, *argv: str, timeout: float = 20.0, openFiles: int | None = None) -> None:
+        def limitFiles() -> None:
+            if openFiles is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (openFiles, openFiles))
+
         self.process = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", plugin, *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=childEnv(),
+            preexec_fn=limitFiles,
         )
         self.log: list[str] = []
         self.port = self._waitForPort(timeout)
