@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from tcplab.flow import throttleReadsOnWrites
+from tcplab.flow import ReadThrottle, throttleReadsOnWrites
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 
@@ -18,6 +20,9 @@ log = Logger(namespace="tcplab.echo")
 #: chargen 19, daytime 13, DNS 53, NTP 123...) answer every datagram, so
 #: echoing to them starts an endless loop between two servers.
 LOWEST_UDP_SOURCE_PORT = 1024
+
+#: Seconds a connection closed for --idle-timeout has to take what it is still owed before it is aborted.
+CLOSE_GRACE = 5.0
 
 
 class Echo(Protocol):
@@ -31,9 +36,12 @@ class Echo(Protocol):
 
     def connectionMade(self) -> None:
         self.peer = describeAddress(self.transport.getPeer())
-        throttleReadsOnWrites(self.transport)
+        self.throttleReads()
         self.factory.connections += 1
         log.info("connection from {peer}", peer=self.peer)
+
+    def throttleReads(self) -> None:
+        throttleReadsOnWrites(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.echoed += len(data)
@@ -45,15 +53,76 @@ class Echo(Protocol):
         log.info("{peer} disconnected, {echoed} bytes echoed", peer=self.peer, echoed=self.echoed)
 
 
-class EchoFactory(Factory):
-    """Counts live connections and bytes echoed by closed ones."""
+class ProgressThrottle(ReadThrottle):
+    """A ReadThrottle that also reports when the peer has read what it was owed."""
 
-    protocol = Echo
-    noisy = False
+    def __init__(self, transport: ITransport, onProgress: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._onProgress = onProgress
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        self._onProgress()
+
+
+class TimedEcho(Echo, TimeoutMixin):
+    """Echo under ``--idle-timeout``: a connection on which nothing arrives, and that does not read
+    what it is owed either, for that long is closed (it would hold a socket forever otherwise).
+
+    A class of its own, so that without a timeout the echo path does not pay for it.
+    """
 
     def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def connectionMade(self) -> None:
+        self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
+        super().connectionMade()
+        self.setTimeout(self.factory.idleTimeout)
+
+    def throttleReads(self) -> None:
+        """Reading our echoes is progress too: only a peer that neither sends nor reads is idle."""
+        self.transport.registerProducer(ProgressThrottle(self.transport, self.resetTimeout), True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.resetTimeout()
+        self.echoed += len(data)
+        self.transport.write(data)
+
+    def timeoutConnection(self) -> None:
+        if self.closing:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self.closing = True
+        self.factory.timedOut += 1
+        log.info("{peer} idle for {seconds:g}s (--idle-timeout): disconnecting", peer=self.peer,
+                 seconds=self.factory.idleTimeout)
+        self.transport.loseConnection()
+        self.setTimeout(CLOSE_GRACE)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+
+class EchoFactory(Factory):
+    """Counts live connections and bytes echoed by closed ones; ``idleTimeout`` > 0 closes
+    connections idle that long (``clock`` times them: the reactor unless a test passes one)."""
+
+    noisy = False
+
+    def __init__(self, idleTimeout: float = 0.0, clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.idleTimeout = idleTimeout
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.protocol = TimedEcho if idleTimeout else Echo
         self.connections = 0
         self.echoed = 0
+        self.timedOut = 0
 
 
 class UDPEcho(DatagramProtocol):

@@ -31,7 +31,9 @@ from tcplab.errors import (
     TcplabError,
     TimedOut,
     VerificationFailed,
+    tlsFailure,
 )
+from tcplab.fileserver import TOO_MANY_CONNECTIONS
 from tcplab.filewire import (
     MAX_REPLY,
     Clash,
@@ -60,6 +62,10 @@ def _noProgress(n: int) -> None:
     pass
 
 
+class ServerBusy(RefusedByServer):
+    """The server turned the connection away (too many connections): no file can be sent now."""
+
+
 class ServerError:
     """Which exception (and so which exit status) each ERR code becomes."""
 
@@ -73,8 +79,12 @@ class ServerError:
     @classmethod
     def make(cls, reply: Err, name: str) -> TcplabError:
         """An error for ``reply`` about ``name``; ``serverCode`` keeps the ERR code."""
-        kind = cls.classes.get(reply.code, RefusedByServer)
-        error = kind(f"{escapeName(name)} not stored: {safeText(reply.message)} ({safeText(reply.code)})")
+        if reply.code == TOO_MANY_CONNECTIONS:
+            error: TcplabError = ServerBusy(f"the server turned the connection away: {safeText(reply.message)} "
+                                            f"({reply.code})")
+        else:
+            kind = cls.classes.get(reply.code, RefusedByServer)
+            error = kind(f"{escapeName(name)} not stored: {safeText(reply.message)} ({safeText(reply.code)})")
         error.serverCode = reply.code  # type: ignore[attr-defined]
         return error
 
@@ -274,8 +284,9 @@ class FileSender(Protocol):
         self._stopBody()
         self._disarm()
         if self._waiting is not None:
-            self._fail(ConnectionLostError(f"the connection to the server was lost while sending "
-                                           f"{escapeName(self._what)}"))
+            # A refused certificate shows up only here, as a lost connection: say so (exit 3), not "lost".
+            self._fail(tlsFailure(reason) or ConnectionLostError(
+                f"the connection to the server was lost while sending {escapeName(self._what)}"))
         self.closed.callback(None)
 
     def _stopBody(self) -> None:

@@ -14,10 +14,18 @@ already arrived wait in a buffer of at most one read.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from enum import Enum
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableDescriptor, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +51,7 @@ from tcplab.filewire import (
     storedParts,
 )
 from tcplab.peers import describeAddress
+from tcplab.ratelimit import RateLimiter
 
 log = Logger(namespace="tcplab.fileserver")
 
@@ -50,6 +59,29 @@ log = Logger(namespace="tcplab.fileserver")
 LINGER_SECONDS = 5.0
 #: Read this much per ``recv``: fewer, larger reads for big bodies (Twisted's default is 64 KiB).
 READ_SIZE = 1 << 20
+#: The ERR code for a connection turned away by --max-connections or --max-per-peer.
+TOO_MANY_CONNECTIONS = "too-many-connections"
+#: Warnings (ERR replies, turned-away connections) logged per second, and in a burst: a flood of
+#: bad requests must not become a flood of log writes. The rest are counted, and the count logged.
+WARN_LOG_RATE = 20.0
+WARN_LOG_BURST = 100.0
+
+
+def peerKey(address: object) -> str | None:
+    """What --max-per-peer counts by: the IPv4 address, or the /64 of an IPv6 address (one
+    host usually has a whole /64 to pick addresses from); None for Unix sockets (all local)."""
+    if isinstance(address, IPv6Address):
+        host = address.host.split("%", 1)[0]
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            return host
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    if isinstance(address, IPv4Address):
+        return address.host
+    return None
 
 
 class State(Enum):
@@ -73,7 +105,7 @@ class FileReceiverFactory(Factory):
     def __init__(self, store: FileStore, prefix: str = "received_", token: bytes | None = None,
                  maxSize: int | None = None, headerTimeout: float = 30.0, idleTimeout: float = 300.0,
                  maxFiles: int = 1000, clock: IReactorTime | None = None, readSize: int = READ_SIZE,
-                 linger: float = LINGER_SECONDS) -> None:
+                 linger: float = LINGER_SECONDS, maxConnections: int = 0, maxPerPeer: int = 0) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.store = store
@@ -86,14 +118,57 @@ class FileReceiverFactory(Factory):
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.readSize = readSize
         self.linger = linger
+        self.maxConnections = maxConnections
+        self.maxPerPeer = maxPerPeer
+        #: Every open connection; of them, those let in (not turned away), in all and by peerKey.
         self.connections = 0
+        self.admitted = 0
+        self.perPeer: dict[str, int] = {}
         self.stored = 0
         self.refused = 0
+        self.turnedAway = 0
+        self.unlogged = 0
+        self._unloggedSince = 0
+        self._warnLimit = RateLimiter(WARN_LOG_RATE, WARN_LOG_BURST, self.clock.seconds)
 
     def buildProtocol(self, addr: Any) -> FileReceiver:
         protocol = FileReceiver()
         protocol.factory = self
         return protocol
+
+    def admit(self, key: str | None) -> str | None:
+        """Let a new connection from ``key`` in (and count it), or say why not (--max-connections,
+        --max-per-peer; 0 is no limit). Twisted's policies.LimitConnectionsByPeer and
+        LimitTotalConnectionsFactory close such a connection without a word, and wrap every
+        protocol, which would hide the transport's half-close and read size from FileReceiver."""
+        if self.maxConnections and self.admitted >= self.maxConnections:
+            return (f"the server has {self.admitted} connections, its limit (--max-connections): "
+                    "try again later")
+        if key is not None and self.maxPerPeer and self.perPeer.get(key, 0) >= self.maxPerPeer:
+            return (f"{self.perPeer[key]} connections from {key} already, the limit per address "
+                    "(--max-per-peer): close one or try again later")
+        self.admitted += 1
+        if key is not None:
+            self.perPeer[key] = self.perPeer.get(key, 0) + 1
+        return None
+
+    def release(self, key: str | None) -> None:
+        self.admitted -= 1
+        if key is not None:
+            left = self.perPeer.pop(key) - 1
+            if left:
+                self.perPeer[key] = left
+
+    def warn(self, format: str, **fields: object) -> None:
+        """Log a warning about one client, unless they come too fast (then only count it)."""
+        if not self._warnLimit.allow(None):
+            self.unlogged += 1
+            self._unloggedSince += 1
+            return
+        if self._unloggedSince:
+            format += " ({skipped} warnings before this one not logged: too many at once)"
+            fields["skipped"], self._unloggedSince = self._unloggedSince, 0
+        log.warn(format, **fields)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -105,6 +180,8 @@ class FileReceiver(Protocol):
     def __init__(self) -> None:
         self.state = State.HEADER
         self.peer = "?"
+        self.peerKey: str | None = None
+        self.admitted = False
         self.requests = 0
         self._line = bytearray()
         self._held = b""
@@ -121,10 +198,19 @@ class FileReceiver(Protocol):
     # -- connection events ----------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.peer = describeAddress(self.transport.getPeer())
+        address = self.transport.getPeer()
+        self.peer = describeAddress(address)
+        self.factory.connections += 1
+        self.peerKey = peerKey(address)
+        refusal = self.factory.admit(self.peerKey)
+        if refusal is not None:
+            self.factory.turnedAway += 1
+            self.factory.warn("{peer}: turned away: {message}", peer=self.peer, message=refusal)
+            self._refuse(TOO_MANY_CONNECTIONS, refusal)
+            return
+        self.admitted = True
         if hasattr(type(self.transport), "bufferSize"):
             self.transport.bufferSize = self.factory.readSize  # type: ignore[attr-defined]
-        self.factory.connections += 1
         log.debug("connection from {peer}", peer=self.peer)
         self._enterHeader()
 
@@ -154,6 +240,9 @@ class FileReceiver(Protocol):
             log.info("{peer} went away after {got} of {size} bytes of {name}{kept}", peer=self.peer,
                      got=upload.position, size=upload.size, name=self._name(),
                      kept=" (kept for --resume)" if kept else "")
+        if self.admitted:
+            self.admitted = False
+            self.factory.release(self.peerKey)
         self.factory.connections -= 1
 
     # -- the input loop -------------------------------------------------------
@@ -401,17 +490,25 @@ class FileReceiver(Protocol):
         if self._upload is not None:
             upload, self._upload = self._upload, None
             upload.abort(keep=keep)
+        self.factory.refused += 1
+        self.factory.warn("{peer}: {name}: ERR {code} {message}", peer=self.peer, name=self._name(),
+                          code=str(code), message=message)
+        self._refuse(code, message)
+
+    def _refuse(self, code: ErrorCode | str, message: str) -> None:
+        """Send the ERR, then close the way _fail describes."""
         self.state = State.CLOSING
         self._held = b""
-        self.factory.refused += 1
-        log.warn("{peer}: {name}: ERR {code} {message}", peer=self.peer, name=self._name(), code=str(code),
-                 message=message)
         self.transport.write(formatErr(code, message))
         self._timer = self.factory.clock.callLater(self.factory.linger, self._lingerOver)
         if self._eof:
             self.transport.loseConnection()
             return
-        if IHalfCloseableDescriptor.providedBy(self.transport):
+        if ISSLTransport.providedBy(self.transport):
+            # TLS holds what we write until its handshake is done: a half-close of the socket
+            # under it would cut that off. Its own close sends the ERR, then close_notify.
+            self.transport.loseConnection()
+        elif IHalfCloseableDescriptor.providedBy(self.transport):
             self.transport.loseWriteConnection()  # type: ignore[attr-defined]
         if self._readPaused:
             self._readPaused = False

@@ -20,7 +20,7 @@ from tcplab.errors import (
     TimedOut,
     VerificationFailed,
 )
-from tcplab.fileclient import CHUNK_SIZE, FileSender, Uploader
+from tcplab.fileclient import CHUNK_SIZE, FileSender, ServerBusy, Uploader
 from tcplab.filewire import Clash, checkToken, escapeName
 
 TOKEN_ENV = "TCPLAB_TOKEN"
@@ -228,4 +228,6 @@ async def run(reactor: Any, options: Options) -> None:
 
 def _perFile(error: TcplabError) -> bool:
     """Errors about one file (the others can still go); connection trouble ends the run."""
+    if isinstance(error, ServerBusy):
+        return False
     return isinstance(error, (LocalFileError, RefusedByServer, AlreadyExists, VerificationFailed))

@@ -11,7 +11,7 @@ from tcplab.tap.options import ListeningService, ServerOptions, floatOption
 
 
 class Options(ServerOptions):
-    synopsis = "[--port 7000] [--interface ADDR] [--listen ENDPOINT]... [--udp]"
+    synopsis = "[--port 7000] [--interface ADDR] [--listen ENDPOINT]... [--udp] [--idle-timeout S]"
     longdesc = "Echo every byte back (RFC 862). A client that does not read is not read from."
     defaultPort = 7000
 
@@ -19,12 +19,15 @@ class Options(ServerOptions):
     optParameters = [
         ["udp-rate", None, "100", "UDP replies per second per source address."],
         ["udp-burst", None, "200", "UDP replies a source may get in one burst."],
+        ["idle-timeout", None, "0", "Close a TCP connection that neither sends nor reads its echoes for this "
+         "many seconds (0: never)."],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         self["udp-rate"] = floatOption("--udp-rate", self["udp-rate"], 0.001, 1e9)
         self["udp-burst"] = floatOption("--udp-burst", self["udp-burst"], 1, 1e9)
+        self["idle-timeout"] = floatOption("--idle-timeout", self["idle-timeout"], 0, 1e9)
 
 
 class EchoService(service.MultiService):
@@ -36,7 +39,7 @@ class EchoService(service.MultiService):
 
         self.reactor = reactor or defaultReactor
         self.options = options
-        self.factory = EchoFactory()
+        self.factory = EchoFactory(options["idle-timeout"], self.reactor)  # type: ignore[arg-type]
         self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
         self.tcp.setServiceParent(self)
         self.udp: UDPEcho | None = None

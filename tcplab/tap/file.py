@@ -46,7 +46,7 @@ def readTokenFile(path: str) -> str:
 
 class Options(ServerOptions):
     synopsis = ("[--port 9000] [--interface ADDR] [--listen ENDPOINT]... [--dir DIR] [--prefix received_] "
-                "[--max-size BYTES] [--token-file F] [--overwrite]")
+                "[--max-size BYTES] [--token-file F] [--overwrite] [--max-connections N] [--max-per-peer N]")
     longdesc = (
         "Receive files (tcplab send, or nc: printf 'PUT <size> <name>\\n' then the bytes) and store each "
         "as <prefix><name> in --dir, verified by SHA-256, fsync'ed and renamed into place atomically. "
@@ -64,6 +64,8 @@ class Options(ServerOptions):
         ["idle-timeout", None, "300", "Seconds a body may stall before the upload is dropped."],
         ["max-files-per-connection", None, "1000", "Requests (PUT or STAT) one connection may make."],
         ["partial-ttl", None, "86400", "Seconds an interrupted upload is kept for --resume."],
+        ["max-connections", None, "256", "Connections at once; more are told ERR too-many-connections (0: no limit)."],
+        ["max-per-peer", None, "16", "Connections at once from one IPv4 address or IPv6 /64 (0: no limit)."],
     ]
 
     def postOptions(self) -> None:
@@ -88,6 +90,8 @@ class Options(ServerOptions):
         self["max-files-per-connection"] = intOption(
             "--max-files-per-connection", self["max-files-per-connection"], 1, 10**9)
         self["partial-ttl"] = floatOption("--partial-ttl", self["partial-ttl"], 1, 86400 * 365)
+        self["max-connections"] = intOption("--max-connections", self["max-connections"], 0, 1 << 24)
+        self["max-per-peer"] = intOption("--max-per-peer", self["max-per-peer"], 0, 1 << 24)
         if self["token-file"]:
             self["token"] = readTokenFile(self["token-file"])
         elif os.environ.get(TOKEN_ENV):
@@ -119,6 +123,8 @@ class FileService(service.MultiService):
             idleTimeout=options["idle-timeout"],
             maxFiles=options["max-files-per-connection"],
             clock=self.reactor,  # type: ignore[arg-type]
+            maxConnections=options["max-connections"],
+            maxPerPeer=options["max-per-peer"],
         )
         self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
         self.tcp.setServiceParent(self)
