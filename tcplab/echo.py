@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime, ITransport
@@ -10,7 +11,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from tcplab.flow import ReadThrottle, throttleReadsOnWrites
+from tcplab.flow import ReadThrottle, plainSocket, throttleReadsOnWrites, writeNow
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 
@@ -33,9 +34,11 @@ class Echo(Protocol):
     def __init__(self) -> None:
         self.peer = "?"
         self.echoed = 0
+        self._socket: socket.socket | None = None
 
     def connectionMade(self) -> None:
         self.peer = describeAddress(self.transport.getPeer())
+        self._socket = plainSocket(self.transport)
         self.throttleReads()
         self.factory.connections += 1
         log.info("connection from {peer}", peer=self.peer)
@@ -45,7 +48,7 @@ class Echo(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.echoed += len(data)
-        self.transport.write(data)
+        writeNow(self.transport, self._socket, data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connections -= 1
@@ -89,8 +92,7 @@ class TimedEcho(Echo, TimeoutMixin):
         if self.closing:
             return
         self.resetTimeout()
-        self.echoed += len(data)
-        self.transport.write(data)
+        super().dataReceived(data)
 
     def timeoutConnection(self) -> None:
         if self.closing:

@@ -73,11 +73,9 @@ class EchoOverTLSTests(unittest.TestCase):
         """Twisted's ``ssl:`` client endpoint verifies nothing: tcplab must refuse it (or verify), not
         talk to whoever answers."""
         result = runTcplab("echo", "--timeout", "3", "--connect", f"ssl:host=localhost:port={self.server.port}", "hi")
-        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.returncode, ExitCode.USAGE)
         self.assertEqual(result.stdout, b"")
-
-    test_sslConnectStringIsNotUnverified.todo = (  # type: ignore[attr-defined]
-        "tcplab/cli/common.py passes --connect ssl:... to Twisted unverified; it should refuse it (use tls:)")
+        self.assertIn(b"use tls:host=", result.stderr)
 
     def test_caOptionErrors(self) -> None:
         result = runTcplab("echo", "--ca", self.certs["ca"], "hi")

@@ -43,6 +43,9 @@ class ClientOptions(usage.Options):
             raise usage.UsageError("use either --connect or --host/--port, not both")
         self["port"] = self.defaultPort if self["port"] is None else intOption("--port", self["port"], 1, 65535)
         self["timeout"] = floatOption("--timeout", self["timeout"], 0.001, 86400)
+        if (self["connect"] or "").lower().startswith("ssl:"):
+            raise usage.UsageError("--connect ssl:... does not check the server's certificate; "
+                                   "use tls:host=H:port=P (with --ca for a private CA)")
         if self["tls"] and self["connect"]:
             raise usage.UsageError("--tls goes with --host/--port; with --connect write tls:host=...:port=...")
         if self["ca"] and not self.usesTLS():
