@@ -33,7 +33,6 @@ from tcplab.errors import (
     VerificationFailed,
     tlsFailure,
 )
-from tcplab.fileserver import TOO_MANY_CONNECTIONS
 from tcplab.filewire import (
     MAX_REPLY,
     Clash,
@@ -79,7 +78,7 @@ class ServerError:
     @classmethod
     def make(cls, reply: Err, name: str) -> TcplabError:
         """An error for ``reply`` about ``name``; ``serverCode`` keeps the ERR code."""
-        if reply.code == TOO_MANY_CONNECTIONS:
+        if reply.code == ErrorCode.TOO_MANY_CONNECTIONS.value:
             error: TcplabError = ServerBusy(f"the server turned the connection away: {safeText(reply.message)} "
                                             f"({reply.code})")
         else:

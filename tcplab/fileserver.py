@@ -59,8 +59,6 @@ log = Logger(namespace="tcplab.fileserver")
 LINGER_SECONDS = 5.0
 #: Read this much per ``recv``: fewer, larger reads for big bodies (Twisted's default is 64 KiB).
 READ_SIZE = 1 << 20
-#: The ERR code for a connection turned away by --max-connections or --max-per-peer.
-TOO_MANY_CONNECTIONS = "too-many-connections"
 #: Warnings (ERR replies, turned-away connections) logged per second, and in a burst: a flood of
 #: bad requests must not become a flood of log writes. The rest are counted, and the count logged.
 WARN_LOG_RATE = 20.0
@@ -206,7 +204,7 @@ class FileReceiver(Protocol):
         if refusal is not None:
             self.factory.turnedAway += 1
             self.factory.warn("{peer}: turned away: {message}", peer=self.peer, message=refusal)
-            self._refuse(TOO_MANY_CONNECTIONS, refusal)
+            self._refuse(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
             return
         self.admitted = True
         if hasattr(type(self.transport), "bufferSize"):
@@ -495,7 +493,7 @@ class FileReceiver(Protocol):
                           code=str(code), message=message)
         self._refuse(code, message)
 
-    def _refuse(self, code: ErrorCode | str, message: str) -> None:
+    def _refuse(self, code: ErrorCode, message: str) -> None:
         """Send the ERR, then close the way _fail describes."""
         self.state = State.CLOSING
         self._held = b""

@@ -61,6 +61,7 @@ class ErrorCode(str, Enum):
     IO_ERROR = "io-error"
     TOO_MANY_FILES = "too-many-files"
     TIMEOUT = "timeout"
+    TOO_MANY_CONNECTIONS = "too-many-connections"
 
     def __str__(self) -> str:
         return self.value

@@ -22,9 +22,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcplab.errors import ExitCode
 from tcplab.fileclient import FileSender, ServerBusy, Uploader
-from tcplab.fileserver import TOO_MANY_CONNECTIONS, FileReceiver, FileReceiverFactory, peerKey
+from tcplab.fileserver import FileReceiver, FileReceiverFactory, peerKey
 from tcplab.filestore import FileStore, synchronous
-from tcplab.filewire import Err, Ok, formatPut, parseReply
+from tcplab.filewire import Err, ErrorCode, Ok, formatPut, parseReply
 from tcplab.tap import file as filetap
 from tests.support import childEnv
 from tests.test_send import scratch
@@ -58,7 +58,7 @@ class LimitTests(SynchronousTestCase):
         reply = parseReply(lines[0])
         self.assertIsInstance(reply, Err)
         assert isinstance(reply, Err)
-        self.assertEqual(reply.code, TOO_MANY_CONNECTIONS)
+        self.assertEqual(reply.code, ErrorCode.TOO_MANY_CONNECTIONS)
         for word in words:
             self.assertIn(word, reply.message)
 
