@@ -6,14 +6,20 @@ limit with another client's line is told and dropped, and the others go on.
 A client's own echoes never get it dropped: while the server cannot send to a
 client, it stops reading from it (as tcplab-echo does), so its echoes wait in
 its socket, not in the server. The wire format is in :mod:`tcplab.multiwire`.
+
+With a backplane (:mod:`tcplab.backplane`), several hubs are one room: what a
+hub's clients produce is also handed to the backplane, once, already escaped,
+and what other hubs' clients produce comes back through :meth:`MultiHub.deliverRemote`
+into the same send queues; names, counts and ``/who`` cover every hub.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -24,6 +30,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from tcplab.backplane import STATS_FORMAT, Backplane
 from tcplab.multiwire import (
     HELP,
     escapeLine,
@@ -327,10 +334,15 @@ class MultiHub(Factory):
     protocol = HubClient
     noisy = False
 
-    def __init__(self, config: HubConfig | None = None, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self, config: HubConfig | None = None, clock: IReactorTime | None = None, backplane: Backplane | None = None
+    ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.config = config or HubConfig()
+        self.backplane = backplane
+        if backplane is not None:
+            backplane.attach(self)
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.stats = HubStats()
         self.connections = 0
@@ -370,25 +382,31 @@ class MultiHub(Factory):
         self.members[client] = None
         self.names[name.lower()] = client
         self.stats.joined += 1
-        count = len(self.members)
+        count = self.population()
         self.logClient("{client} joined ({count} connected)", client=client.described, count=count)
         client.send(serverLine(f"welcome, you are {name} ({count} connected; /help lists the commands)"))
-        if count <= self.config.noticeLimit:
-            self.broadcast(serverLine(f"{name} joined"), client)
+        notice = serverLine(f"{name} joined") if count <= self.config.noticeLimit else b""
+        if self.backplane is not None:
+            self.backplane.joined(name, notice)
+        if notice:
+            self.fanOut(notice, client)
 
     def leave(self, client: HubClient, leaving: Leaving) -> None:
         if not client.member:
             return
         client.member = False
-        count = len(self.members)
+        count = self.population()
         del self.members[client]
         if self.names.get(client.name.lower()) is client:
             del self.names[client.name.lower()]
         reason = f" ({leaving.reason})" if leaving.reason else ""
         self.logClient("{client} left{reason} ({count} connected)", client=client.described, reason=reason,
                        count=count - 1)
-        if not self.stopping and count <= self.config.noticeLimit:
-            self.broadcast(serverLine(f"{client.name} left{reason}"), None)
+        notice = serverLine(f"{client.name} left{reason}") if count <= self.config.noticeLimit else b""
+        if self.backplane is not None:
+            self.backplane.left(client.name, notice)
+        if notice and not self.stopping:
+            self.fanOut(notice, None)
 
     def _defaultName(self, client: HubClient) -> str:
         """``host:port`` for a TCP client; otherwise, or if that is taken, something unique with ``#N``."""
@@ -398,9 +416,13 @@ class MultiHub(Factory):
             name = describeAddress(address)
         else:
             name = f"{'unix' if isinstance(address, UNIXAddress) else 'client'}#{self._serial}"
-        if name.lower() in self.names:
+        if self.isTaken(name):
             name = f"{name}#{self._serial}"
         return name
+
+    def isTaken(self, name: str) -> bool:
+        """True if a client here or on another hub of the backplane has ``name`` (ignoring case)."""
+        return name.lower() in self.names or (self.backplane is not None and self.backplane.isTaken(name))
 
     def rename(self, client: HubClient, argument: bytes) -> tuple[bytes, bytes | None]:
         """``/nick``: the reply for ``client``, and the notice for the others if the name changed."""
@@ -411,7 +433,9 @@ class MultiHub(Factory):
             return serverLine(f'error: "{escapeText(name)}" is not a valid name: use 1-32 letters, '
                               "digits, _ - or ."), None
         holder = self.names.get(name.lower())
-        if holder is not None and holder is not client:
+        if (holder is not None and holder is not client) or (
+            holder is None and self.backplane is not None and self.backplane.isTaken(name)
+        ):
             return serverLine(f"error: the name {name} is taken, choose another"), None
         old = client.name
         if name == old:
@@ -419,18 +443,41 @@ class MultiHub(Factory):
         del self.names[old.lower()]
         self.names[name.lower()] = client
         client.setName(name)
+        if self.backplane is not None:
+            self.backplane.renamed(old, name)
         self.logClient("{old} is now {name} ({peer})", old=old, name=name, peer=client.peer)
         return serverLine(f"you are now {name}"), serverLine(f"{old} is now {name}")
 
+    def population(self) -> int:
+        """Clients here and, with a backplane, on the other hubs."""
+        remote = self.backplane.remoteCount() if self.backplane is not None else 0
+        return len(self.members) + remote
+
+    def localNames(self) -> Iterator[str]:
+        return (c.name for c in self.members)
+
     def who(self) -> bytes:
-        count = len(self.members)
-        names = ", ".join(c.name for c in islice(self.members, WHO_LIMIT))
+        """This hub's clients in join order, then those of the other hubs."""
+        count = self.population()
+        everyone = chain(self.localNames(), self.backplane.remoteNames() if self.backplane is not None else ())
+        names = ", ".join(islice(everyone, WHO_LIMIT))
         more = f", and {count - WHO_LIMIT} more" if count > WHO_LIMIT else ""
         return serverLine(f"{count} connected: {names}{more}")
 
     # -- broadcast
 
-    def broadcast(self, data: bytes, sender: HubClient | None) -> None:
+    def broadcast(self, data: bytes, sender: HubClient) -> None:
+        """A client's lines (and the notices its commands caused): to the other hubs, and to every member here
+        but ``sender``."""
+        if self.backplane is not None:
+            self.backplane.publish(data, sender.name)
+        self.fanOut(data, sender)
+
+    def deliverRemote(self, data: bytes) -> None:
+        """Lines from another hub's clients, for every member here."""
+        self.fanOut(data, None)
+
+    def fanOut(self, data: bytes, sender: HubClient | None) -> None:
         """Give ``data`` (whole lines) to every member but ``sender``.
 
         A broadcast started while one is running (a client dropped as too slow
@@ -491,4 +538,6 @@ class MultiHub(Factory):
             "{unlogged} client events not logged (too many at once)",
             **self.statsFields(),
         )
+        if self.backplane is not None:
+            log.info(STATS_FORMAT, **self.backplane.statsFields())
 

@@ -1,14 +1,30 @@
-"""``twistd tcplab-multi``: the broadcast echo hub, with its limits."""
+"""``twistd tcplab-multi``: the broadcast echo hub, with its limits, and its scale-out options
+(``--backplane``, ``--channel``, ``--reuse-port``)."""
 
 from __future__ import annotations
 
+import importlib.util
+import socket
+from typing import Any
+
 from twisted.application import service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python import usage
 
+from tcplab.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 from tcplab.multi import HubConfig, MultiHub
-from tcplab.tap.options import ListeningService, ServerOptions, floatOption, intOption, raiseOpenFilesLimit
+from tcplab.tap.options import (
+    CannotListen,
+    ListeningService,
+    ServerOptions,
+    floatOption,
+    intOption,
+    raiseOpenFilesLimit,
+    somaxconn,
+)
 
 log = Logger(namespace="tcplab.multi")
 
@@ -18,7 +34,8 @@ MiB = 1 << 20
 class Options(ServerOptions):
     synopsis = (
         "[--port 7001] [--interface ADDR] [--listen ENDPOINT]... [--send-queue BYTES] [--max-clients N] "
-        "[--max-line BYTES] [--idle-timeout S] [--stats-interval S] [--notice-limit N]"
+        "[--max-line BYTES] [--idle-timeout S] [--stats-interval S] [--notice-limit N] [--reuse-port] "
+        "[--backplane redis://HOST:PORT/DB [--channel NAME] [--presence-ttl S]]"
     )
     longdesc = (
         "Every line a client sends comes back to it exactly, and goes to every other client as "
@@ -37,6 +54,16 @@ class Options(ServerOptions):
         ["stats-interval", None, "60", "Seconds between stats log lines (0: none)."],
         ["notice-limit", None, "100", "Announce joins and leaves only while at most this many clients are "
          "connected (above, they are only logged)."],
+        ["backplane", None, None, "redis://HOST:PORT/DB: one room with every tcplab-multi that uses the same "
+         "Redis and --channel (lines, names, /who, joins and leaves)."],
+        ["channel", None, None, "The room's name on the backplane: the Redis pub/sub channel, and the prefix "
+         "of its presence keys (default: tcplab-multi)."],
+        ["presence-ttl", None, "15", "Seconds after which the clients of a server that stopped refreshing its "
+         "presence in Redis (it died, or lost Redis) vanish from /who elsewhere."],
+    ]
+    optFlags = [
+        ["reuse-port", None, "Listen with SO_REUSEPORT, so several tcplab-multi processes share --port (the "
+         "kernel spreads connections among them; join them with --backplane). Not for --listen."],
     ]
 
     def postOptions(self) -> None:
@@ -47,6 +74,29 @@ class Options(ServerOptions):
         self["idle-timeout"] = floatOption("--idle-timeout", self["idle-timeout"], 0, 1e9)
         self["stats-interval"] = floatOption("--stats-interval", self["stats-interval"], 0, 1e9)
         self["notice-limit"] = intOption("--notice-limit", self["notice-limit"], 0, 1 << 30)
+        self["presence-ttl"] = floatOption("--presence-ttl", self["presence-ttl"], 0.5, 86400)
+        if self["backplane"] is not None:
+            try:
+                self["backplane"] = parseRedisURL(self["backplane"])
+            except ValueError as e:
+                raise usage.UsageError(f"--backplane: {e}") from None
+            if importlib.util.find_spec("txredisapi") is None:
+                raise usage.UsageError("--backplane needs the txredisapi package: pip install txredisapi")
+        elif self["channel"] is not None:
+            raise usage.UsageError("--channel names a room on a backplane: give --backplane too")
+        if self["channel"] is None:
+            self["channel"] = "tcplab-multi"
+        elif CHANNEL.fullmatch(self["channel"]) is None:
+            raise usage.UsageError(f"--channel must be 1-100 letters, digits, _ . : or -, not {self['channel']!r}")
+        if self["reuse-port"]:
+            if self["listen"]:
+                raise usage.UsageError("--reuse-port works with --port/--interface, not with --listen endpoints")
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise usage.UsageError("--reuse-port: this system has no SO_REUSEPORT")
+
+    def backlog(self) -> int:
+        cap = somaxconn()
+        return min(self["backlog"], cap) if cap else self["backlog"]  # type: ignore[no-any-return]
 
     def hubConfig(self) -> HubConfig:
         return HubConfig(
@@ -58,18 +108,68 @@ class Options(ServerOptions):
         )
 
 
+class ReusePortService(service.Service):
+    """Listen on ``interface:port`` with SO_REUSEPORT (Twisted's listenTCP has no such flag: the socket
+    is made here and adopted by the reactor). Like :class:`ListeningService`, ``ports`` holds the port."""
+
+    def __init__(self, port: int, interface: str, backlog: int, factory: IProtocolFactory, reactor: Any) -> None:
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+        self.factory = factory
+        self.reactor = reactor
+        self.ports: list[IListeningPort] = []
+
+    def startService(self) -> None:
+        super().startService()
+        where = f"[{self.interface}]:{self.port}" if ":" in self.interface else f"{self.interface or '*'}:{self.port}"
+        try:
+            family, _, _, _, address = socket.getaddrinfo(
+                self.interface or None, self.port, socket.AF_INET6 if ":" in self.interface else socket.AF_INET,
+                socket.SOCK_STREAM, 0, socket.AI_PASSIVE,
+            )[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            raise CannotListen(f"tcplab: cannot listen on {where}: {e.strerror or e}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, self.factory))
+        except OSError as e:
+            raise CannotListen(f"tcplab: cannot listen on {where} with --reuse-port: {e.strerror or e}") from None
+        finally:
+            sock.close()
+
+    def stopService(self) -> Deferred[object]:  # type: ignore[override]
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return gatherResults([maybeDeferred(p.stopListening) for p in ports]).addCallback(lambda _: None)
+
+
 class MultiService(service.MultiService):
-    """The listeners and the hub; stopping closes the listeners, then tells every client and waits
-    (a bounded time) until they are gone."""
+    """The listeners, the hub and its backplane; stopping closes the listeners, then tells every client
+    and waits (a bounded time) until they are gone, and leaves the backplane."""
 
     def __init__(self, options: Options, reactor: object = None) -> None:
         super().__init__()
         from twisted.internet import reactor as defaultReactor
 
         self.reactor = reactor or defaultReactor
-        self.hub = MultiHub(options.hubConfig(), self.reactor)  # type: ignore[arg-type]
+        address: RedisAddress | None = options["backplane"]
+        self.backplane: RedisBackplane | None = None
+        if address is not None:
+            self.backplane = RedisBackplane(address, options["channel"], self.reactor, ttl=options["presence-ttl"])
+        self.hub = MultiHub(options.hubConfig(), self.reactor, self.backplane)  # type: ignore[arg-type]
         self.statsInterval: float = options["stats-interval"]
-        self.listening = ListeningService(options.endpointDescriptions(), self.hub, self.reactor)
+        self.listening: ListeningService | ReusePortService
+        if options["reuse-port"]:
+            self.listening = ReusePortService(options["port"], options["interface"], options.backlog(), self.hub,
+                                              self.reactor)
+        else:
+            self.listening = ListeningService(options.endpointDescriptions(), self.hub, self.reactor)
         self.listening.setServiceParent(self)
         self.stats: LoopingCall | None = None
 
@@ -80,6 +180,8 @@ class MultiService(service.MultiService):
         else:
             log.info("open files limit is {limit}", limit=new)
         super().startService()
+        if self.backplane is not None:
+            self.backplane.start()
         if self.statsInterval:
             self.stats = LoopingCall(self.hub.logStats)
             self.stats.clock = self.reactor  # type: ignore[assignment]
@@ -91,7 +193,10 @@ class MultiService(service.MultiService):
         self.stats = None
         listeners = super().stopService()
         clients = self.hub.shutdown()
-        return gatherResults([listeners, clients]).addCallback(lambda _: self.hub.logStats())
+        waits = [listeners, clients]
+        if self.backplane is not None:
+            waits.append(self.backplane.stop())
+        return gatherResults(waits).addCallback(lambda _: self.hub.logStats())
 
 
 def makeService(options: Options) -> MultiService:
