@@ -24,11 +24,12 @@ from itertools import chain, islice
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcplab.backplane import STATS_FORMAT, Backplane
 from tcplab.multiwire import (
@@ -97,6 +98,7 @@ class Leaving(enum.Enum):
         self.flush = flush
 
 
+@implementer(IHandshakeListener)
 class HubClient(Protocol, TimeoutMixin):
     """One connected client: splits its bytes into lines (never holding more than
     ``maxLine`` of an unfinished one), runs its commands, and echoes and broadcasts
@@ -113,6 +115,7 @@ class HubClient(Protocol, TimeoutMixin):
         self.closing = False
         self._partial = bytearray()
         self._readingPaused = False
+        self._handshaking = False
         self._abort: IDelayedCall | None = None
 
     # -- connection lifecycle
@@ -122,6 +125,7 @@ class HubClient(Protocol, TimeoutMixin):
         self.callLater = hub.clock.callLater  # type: ignore[method-assign]
         self.peer = escapeText(describeAddress(self.transport.getPeer()))
         hub.connections += 1
+        self._handshaking = ISSLTransport.providedBy(self.transport)
         refusal = hub.refusal()
         if refusal is not None:
             self.closing = True
@@ -252,8 +256,15 @@ class HubClient(Protocol, TimeoutMixin):
 
     # -- backpressure: while we cannot send to this client, we do not read from it
 
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
+        if self.queue is not None and self.queue.paused:
+            self.pauseReading()
+
     def pauseReading(self) -> None:
-        if self.closing or self._readingPaused:
+        """Until its handshake is done, TLS holds back what we write (pausing our queue): reading must go
+        on meanwhile, or the handshake never completes."""
+        if self.closing or self._readingPaused or self._handshaking:
             return
         self._readingPaused = True
         self.transport.pauseProducing()  # type: ignore[attr-defined]

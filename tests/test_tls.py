@@ -112,12 +112,6 @@ class Listener(Protocol):
         self.lost.callback(None)
 
 
-#: Remove once tcplab/multi.py has the TLS handshake fix: until the handshake is done TLS buffers the
-#: welcome line and pauses the hub's send queue, which makes the hub stop reading, so the handshake
-#: never completes and a TLS client of tcplab-multi hears nothing.
-MULTI_TLS_TODO = "tcplab-multi stops reading during the TLS handshake (HubClient.pauseReading needs the fix)"
-
-
 class MultiOverTLSTests(unittest.TestCase):
     """``tcplab echo --tls --ca`` as a chat client of ``tcplab-multi --listen ssl:...``."""
 
@@ -151,7 +145,6 @@ class MultiOverTLSTests(unittest.TestCase):
         line = await listener.waitFor(lambda line: line.endswith(b"> hello over tls"))
         self.assertTrue(line.startswith(b"<127.0.0.1:"), line)
 
-    test_chatOverTLS.todo = MULTI_TLS_TODO  # type: ignore[attr-defined]
 
     async def test_connectString(self) -> None:
         code, out, err = await tcplab("echo", "--timeout", "3", "--ca", self.certs["ca"], "--connect",
@@ -159,7 +152,6 @@ class MultiOverTLSTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn(b"hi\n", out)
 
-    test_connectString.todo = MULTI_TLS_TODO  # type: ignore[attr-defined]
 
     async def test_untrustedCertificateIsRefused(self) -> None:
         for ca in (["--ca", self.certs["other-ca"]], []):
@@ -168,7 +160,6 @@ class MultiOverTLSTests(unittest.TestCase):
             self.assertEqual((code, out, err.count(b"\n")), (ExitCode.CONNECT, b"", 1), err)
             self.assertIn(UNTRUSTED, err)
 
-    test_untrustedCertificateIsRefused.todo = MULTI_TLS_TODO  # type: ignore[attr-defined]
 
 
 class FileOverTLSTests(unittest.TestCase):
