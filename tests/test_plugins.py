@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
+from twisted.application import service
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial import unittest
@@ -27,3 +29,24 @@ class PluginDiscoveryTests(unittest.TestCase):
         out = subprocess.run([*TWISTD, "--help"], capture_output=True, timeout=60, env=env, cwd="/").stdout
         for name in NAMES:
             self.assertIn(name.encode(), out)
+
+
+class TacFileTests(unittest.TestCase):
+    """``twistd -ny tac/NAME.tac`` builds the same server as the plugin, with the documented port."""
+
+    def test_eachTacFileBuildsItsServer(self) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for name, port in (("echo", 7000), ("multi", 7001), ("file", 9000)):
+            application = service.loadApplication(os.path.join(root, "tac", f"{name}.tac"), "python")
+            top = service.IService(application)
+            services = list(top)
+            self.assertEqual(len(services), 1, name)
+            self.assertEqual(services[0].name, f"tcplab-{name}")
+            self.assertIn(f"tcp:{port}:", " ".join(_descriptions(services[0])), name)
+
+
+def _descriptions(svc: object) -> list[str]:
+    found = list(getattr(svc, "descriptions", []))
+    for child in getattr(svc, "services", []):
+        found += _descriptions(child)
+    return found
