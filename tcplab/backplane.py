@@ -471,10 +471,7 @@ class _WatchedEndpoint:
 def _redisClasses() -> tuple[Any, type, type]:
     """txredisapi and our protocols on it, imported only when a Redis backplane starts (txredisapi
     imports the reactor, which twistd must have chosen first)."""
-    try:
-        import txredisapi
-    except ImportError:
-        raise SystemExit("tcplab: --backplane needs txredisapi: pip install txredisapi") from None
+    import txredisapi  # a dependency of tcplab; its presence is checked when options are parsed
 
     class Commands(txredisapi.RedisProtocol):  # type: ignore[misc, name-defined]
         def connectionMade(self) -> Any:

@@ -11,18 +11,82 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut, tlsFailure
 
 Output = Callable[[bytes], None]
 
+#: Stop reading input while this many lines, or bytes, are sent but not yet echoed; start again
+#: below half of that. A server that reads but does not echo cannot grow the client.
+MAX_PENDING_LINES = 10_000
+MAX_PENDING_BYTES = 16 << 20
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, looking at each byte once (no rescans of a long
+    unfinished line)."""
+
+    def __init__(self) -> None:
+        self.partial = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        """The complete lines that ``data`` finishes, newlines included (b"" if none)."""
+        end = data.rfind(b"\n")
+        if end < 0:
+            self.partial += data
+            return b""
+        if self.partial:
+            block = bytes(self.partial) + data[: end + 1]
+            self.partial = bytearray()
+        else:
+            block = data[: end + 1]
+        self.partial += data[end + 1 :]
+        return block
+
+    def flush(self) -> bytes:
+        """What is left of an unfinished line."""
+        rest, self.partial = bytes(self.partial), bytearray()
+        return rest
+
+
+@implementer(IPushProducer)
+class InputGate:
+    """Pauses the input (stdin) while any reason holds: the socket's buffer is full, or too
+    many echoes are due. The transport and the client each hold their own reason."""
+
+    def __init__(self, source: IPushProducer) -> None:
+        self.source = source
+        self.reasons: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        if not self.reasons:
+            self.source.pauseProducing()
+        self.reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.source.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.hold("socket")
+
+    def resumeProducing(self) -> None:
+        self.release("socket")
+
+    def stopProducing(self) -> None:
+        self.source.stopProducing()
+
 
 class EchoClient(Protocol):
-    """Sends lines, hands every received line to ``output``, and fires ``done``
-    once input has ended and every line sent has come back."""
+    """Sends lines, hands everything received to ``output`` (one call per read), and fires
+    ``done`` once input has ended and every line sent has come back."""
 
     def __init__(self, output: Output, clock: IReactorTime, timeout: float) -> None:
         self.output = output
@@ -30,20 +94,32 @@ class EchoClient(Protocol):
         self.timeout = timeout
         self.done: Deferred[None] = Deferred()
         self.pending: deque[bytes] = deque()
+        self.pendingBytes = 0
         self.inputEnded = False
+        self.quitSent = False
         self.received = 0
-        self._buffer = b""
+        self.input: InputGate | None = None
+        self._lines = LineBuffer()
         self._timer: IDelayedCall | None = None
+
+    def readFrom(self, source: IPushProducer) -> None:
+        """Pace ``source`` (the producer feeding ``sendLines``): paused while the socket is
+        full or too many echoes are due."""
+        self.input = InputGate(source)
+        self.transport.registerProducer(self.input, True)
 
     def sendLine(self, line: bytes) -> None:
         """Send ``line`` (without its newline) and expect it back."""
-        self.pending.append(line)
-        self.transport.write(line + b"\n")
+        self.sendLines([line])
 
     def sendLines(self, lines: Iterable[bytes]) -> None:
         lines = list(lines)
         self.pending.extend(lines)
+        self.pendingBytes += sum(map(len, lines))
+        self.quitSent = self.quitSent or any(line.rstrip(b"\r") == b"/quit" for line in lines)
         self.transport.write(b"".join(line + b"\n" for line in lines))
+        if self.input is not None and (len(self.pending) > MAX_PENDING_LINES or self.pendingBytes > MAX_PENDING_BYTES):
+            self.input.hold("echoes due")
 
     def endInput(self) -> None:
         """No more lines will be sent: finish once the echoes still due are in."""
@@ -51,23 +127,25 @@ class EchoClient(Protocol):
         self._check()
 
     def dataReceived(self, data: bytes) -> None:
-        lines = (self._buffer + data).split(b"\n")
-        self._buffer = lines.pop()
-        for line in lines:
-            self.received += 1
-            self.output(line + b"\n")
-            if self.pending and self.pending[0] == line:
-                self.pending.popleft()
+        self.output(data)
+        block = self._lines.feed(data)
+        if block:
+            lines = block[:-1].split(b"\n")
+            self.received += len(lines)
+            pending = self.pending
+            for line in lines:
+                if pending and pending[0] == line:
+                    self.pendingBytes -= len(pending.popleft())
+            if (self.input is not None and len(pending) <= MAX_PENDING_LINES // 2
+                    and self.pendingBytes <= MAX_PENDING_BYTES // 2):
+                self.input.release("echoes due")
         self._check(progress=True)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelTimer()
-        if self._buffer:
-            self.output(self._buffer)
-            self._buffer = b""
         if not self.done.called:
             due = len(self.pending)
-            if self.inputEnded and not due:
+            if not due and (self.inputEnded or (self.quitSent and reason is not None and reason.check(ConnectionDone))):
                 self.done.callback(None)
             elif (tls := tlsFailure(reason)) is not None:
                 self.done.errback(tls)
@@ -99,22 +177,22 @@ class EchoClient(Protocol):
 
 
 class InputLines(Protocol):
-    """Feeds lines read from stdin (or any stream) to an EchoClient."""
+    """Feeds lines read from stdin (or any stream) to an EchoClient; an unfinished last line
+    is sent with a newline at the end of input."""
 
     def __init__(self, client: EchoClient) -> None:
         self.client = client
-        self._buffer = b""
+        self._lines = LineBuffer()
 
     def dataReceived(self, data: bytes) -> None:
-        lines = (self._buffer + data).split(b"\n")
-        self._buffer = lines.pop()
-        if lines:
-            self.client.sendLines(lines)
+        block = self._lines.feed(data)
+        if block:
+            self.client.sendLines(block[:-1].split(b"\n"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._buffer:
-            self.client.sendLine(self._buffer)
-            self._buffer = b""
+        rest = self._lines.flush()
+        if rest:
+            self.client.sendLine(rest)
         self.client.endInput()
 
 
@@ -146,6 +224,13 @@ class UDPEchoClient(DatagramProtocol):
         self.output(datagram if datagram.endswith(b"\n") else datagram + b"\n")
         if self.replies >= len(self.messages):
             self._finish()
+
+    def doStop(self) -> None:
+        """Twisted's epoll reactor drops a connected UDP port on ICMP port-unreachable
+        instead of calling ``connectionRefused``: the same thing for us."""
+        super().doStop()
+        if not self.done.called:
+            self.connectionRefused()
 
     def connectionRefused(self) -> None:
         if not self.done.called:

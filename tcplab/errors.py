@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     EXISTS = 8
     VERIFY = 9
     INTERRUPTED = 130
+    BROKEN_PIPE = 141
 
 
 class TcplabError(Exception):

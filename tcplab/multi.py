@@ -123,7 +123,7 @@ class HubClient(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         hub = self.factory
         self.callLater = hub.clock.callLater  # type: ignore[method-assign]
-        self.peer = escapeText(describeAddress(self.transport.getPeer()))
+        self.peer = describeAddress(self.transport.getPeer())
         hub.connections += 1
         self._handshaking = ISSLTransport.providedBy(self.transport)
         refusal = hub.refusal()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
+from tcplab.multiwire import escapeText
+
 
 def describeAddress(address: object) -> str:
-    """``127.0.0.1:5000``, ``[::1]:5000`` or ``unix:/path`` (``unix`` for an unnamed socket)."""
+    """``127.0.0.1:5000``, ``[::1]:5000`` or ``unix:/path`` (``unix`` for an unnamed socket),
+    safe to print."""
     if isinstance(address, IPv6Address):
         return f"[{address.host}]:{address.port}"
     if isinstance(address, IPv4Address):
@@ -14,6 +17,7 @@ def describeAddress(address: object) -> str:
     if isinstance(address, UNIXAddress):
         name = address.name
         if isinstance(name, bytes):
-            name = name.decode("utf-8", "backslashreplace")
-        return f"unix:{name}" if name else "unix"
+            name = name.decode("utf-8", "surrogateescape")
+        # A client chooses the path it binds to: escaped, it cannot write to a terminal or a log.
+        return f"unix:{escapeText(name)}" if name else "unix"
     return str(address)

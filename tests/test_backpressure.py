@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import selectors
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 
 from twisted.trial import unittest
 
-from tests.support import ServerProcess
+from tests.support import TCPLAB, ServerProcess, childEnv
 
 MiB = 1 << 20
 
@@ -60,3 +64,37 @@ class NonReadingClientTests(unittest.TestCase):
         selector.close()
         self.assertEqual(got, pushed)
         self.assertEqual(received.hexdigest(), sent.hexdigest())
+
+
+class ClientInputTests(unittest.TestCase):
+    def test_clientDoesNotSwallowItsInput(self) -> None:
+        """``tcplab echo`` reading 64 MiB of lines from stdin into a server that never reads:
+        it stops reading stdin instead of holding it all in memory."""
+        path = os.path.join(tempfile.mkdtemp(), "lines.txt")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        with open(path, "wb") as f:
+            for _ in range(64):
+                f.write(b"0123456789abcdef0123456789abcde\n" * (MiB // 32))
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            with open(path, "rb") as stdin:
+                client = subprocess.Popen([*TCPLAB, "echo", "--host", "127.0.0.1", "--port", str(port)],
+                                          stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          env=childEnv())
+            self.addCleanup(client.kill)
+            conn, _ = listener.accept()
+            self.addCleanup(conn.close)
+            time.sleep(3)
+            self.assertIsNone(client.poll(), "the client gave up")
+            peak = _peakRSS(client.pid)
+        self.assertLess(peak, 100 * MiB, f"the client's memory peaked at {peak / MiB:.0f} MiB")
+
+
+def _peakRSS(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")

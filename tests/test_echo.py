@@ -7,7 +7,7 @@ import socket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -16,6 +16,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from tcplab.echo import Echo, EchoFactory, UDPEcho
+from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 from tcplab.tap import echo as echotap
 from tcplab.tap.options import CannotListen, withBacklog
@@ -135,7 +136,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_badValuesAreOneLineErrors(self) -> None:
         for argv in (["--port", "x"], ["--port", "70000"], ["--listen", "bogus:1"], ["--udp-rate", "-1"],
-                     ["--listen", "tcp:1", "--port", "2"]):
+                     ["--listen", "tcp:1", "--port", "2"], ["--udp", "--listen", "unix:/tmp/echo.sock"]):
             options = echotap.Options()
             error = self.assertRaises(usage.UsageError, options.parseOptions, argv)
             self.assertNotIn("\n", str(error))
@@ -201,6 +202,18 @@ class LoopbackTests(unittest.TestCase):
         poll()
         return d.addCallback(self.assertEqual, b"ping\x00")
 
+    def test_udpPortInUseIsOneLine(self) -> None:
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        options = echotap.Options()
+        options.parseOptions(["--port", str(taken.getsockname()[1]), "--interface", "127.0.0.1", "--udp"])
+        service = echotap.makeService(options)
+        error = self.assertRaises(CannotListen, service.startService)
+        self.assertIn("cannot listen for UDP on 127.0.0.1:", str(error))
+        self.assertNotIn("\n", str(error))
+        self.assertEqual(service.tcp.ports, [], "the TCP port is closed again")
+
     def test_portInUseIsOneLine(self) -> None:
         service = self.startServer()
         port = service.tcp.ports[0].getHost().port
@@ -210,3 +223,11 @@ class LoopbackTests(unittest.TestCase):
         self.assertIn("cannot listen on", str(error))
         self.assertIn("in use", str(error))
         self.assertNotIn("\n", str(error))
+
+
+class PeerNameTests(unittest.TestCase):
+    def test_unixPathIsEscaped(self) -> None:
+        """A client picks the path of its own UNIX socket: it must not reach a log raw."""
+        self.assertEqual(describeAddress(UNIXAddress(b"/tmp/\x1b[2Jx\n")), "unix:/tmp/\\x1b[2Jx\\x0a")
+        self.assertEqual(describeAddress(UNIXAddress(None)), "unix")
+        self.assertEqual(describeAddress(IPv4Address("TCP", "127.0.0.1", 5)), "127.0.0.1:5")

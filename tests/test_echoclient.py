@@ -7,11 +7,15 @@ import socket
 import subprocess
 import threading
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.echoclient import EchoClient, InputLines
+from tcplab.echoclient import MAX_PENDING_BYTES, MAX_PENDING_LINES, EchoClient, InputLines, LineBuffer
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut
 from tests.support import TCPLAB, ServerProcess, childEnv, runTcplab
 
@@ -83,6 +87,76 @@ class EchoClientTests(unittest.TestCase):
         self.successResultOf(client.done)
 
 
+class FakeInput:
+    """Stands for stdin's producer: records whether it is paused."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class InputPacingTests(unittest.TestCase):
+    def test_tooManyEchoesDuePausesInput(self) -> None:
+        """A server that reads but never echoes cannot make the client read all its input."""
+        client, transport, clock, out = connectedClient()
+        source = FakeInput()
+        client.readFrom(source)  # type: ignore[arg-type]
+        client.sendLines([b"x"] * MAX_PENDING_LINES)
+        self.assertFalse(source.paused)
+        client.sendLines([b"x"])
+        self.assertTrue(source.paused)
+        client.dataReceived(b"x\n" * (MAX_PENDING_LINES // 2))
+        self.assertTrue(source.paused)
+        client.dataReceived(b"x\n")
+        self.assertFalse(source.paused)
+
+    def test_fullSocketAndDueEchoesAreSeparateReasons(self) -> None:
+        client, transport, clock, out = connectedClient()
+        source = FakeInput()
+        client.readFrom(source)  # type: ignore[arg-type]
+        transport.producer.pauseProducing()
+        client.sendLines([b"y" * (MAX_PENDING_BYTES + 1)])
+        transport.producer.resumeProducing()
+        self.assertTrue(source.paused, "still too many bytes due")
+        client.dataReceived(b"y" * (MAX_PENDING_BYTES + 1) + b"\n")
+        self.assertFalse(source.paused)
+
+
+class LineBufferTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=64), max_size=30))
+    def test_sameLinesWhateverTheChunks(self, chunks: list[bytes]) -> None:
+        buffer = LineBuffer()
+        blocks = b"".join(buffer.feed(chunk) for chunk in chunks)
+        whole = b"".join(chunks)
+        self.assertEqual(blocks + buffer.flush(), whole)
+        self.assertEqual(blocks, whole[: whole.rfind(b"\n") + 1])
+
+
+class QuitTests(unittest.TestCase):
+    def test_quitThenCloseIsSuccess(self) -> None:
+        """In a chat, /quit makes the server close the connection: that is how it should end."""
+        client, transport, clock, out = connectedClient()
+        client.sendLines([b"/quit"])
+        client.dataReceived(b"/quit\n* bye\n")
+        client.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(client.done)
+
+    def test_closedWithoutQuitIsAnError(self) -> None:
+        """A server that hangs up on its own (full, shutting down) is not success."""
+        client, transport, clock, out = connectedClient()
+        client.dataReceived(b"* server full (10 clients), try again later\n")
+        client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(client.done, ConnectionLostError)
+
+
 class CommandTests(unittest.TestCase):
     """``tcplab echo`` as a user runs it, against ``twistd -n tcplab-echo``."""
 
@@ -111,6 +185,20 @@ class CommandTests(unittest.TestCase):
         result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), [b"ping", b"pong"])
+
+    def test_udpLinesFromStdin(self) -> None:
+        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port),
+                           input=b"one\ntwo\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sorted(result.stdout.splitlines()), [b"one", b"two"])
+
+    def test_udpRefused(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5", "hi")
+        self.assertEqual(result.returncode, ExitCode.CONNECT, result.stderr)
+        self.assertIn(b"UDP echo refused", result.stderr)
 
     def test_refused(self) -> None:
         with socket.socket() as s:

@@ -7,6 +7,7 @@ status (see ``tcplab.errors.ExitCode``); commands and protocols just fail.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -103,6 +104,10 @@ def _exitFor(failure: Failure) -> NoReturn:
         raise SystemExit(int(error.code))
     if failure.check(SystemExit):
         failure.raiseException()
+    if failure.check(BrokenPipeError):
+        # The reader of our output went away (``tcplab echo | head``): end quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(int(ExitCode.BROKEN_PIPE))
     if failure.check(KeyboardInterrupt):
         _message("tcplab: interrupted")
         raise SystemExit(int(ExitCode.INTERRUPTED))

@@ -12,11 +12,12 @@ from typing import ClassVar
 from twisted.internet import stdio
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tcplab.errors import TcplabError, connectFailure
 from tcplab.tap.options import escapeEndpointValue, floatOption, intOption
@@ -106,8 +107,9 @@ def connect(reactor: object, options: ClientOptions, protocol: IProtocol) -> Def
     return d.addErrback(failed)
 
 
-def readStdin(reactor: object, protocol: Protocol) -> None:
-    """Deliver stdin to ``protocol`` (``dataReceived`` then ``connectionLost`` at EOF).
+def readStdin(reactor: object, protocol: Protocol) -> IPushProducer:
+    """Deliver stdin to ``protocol`` (``dataReceived`` then ``connectionLost`` at EOF), and
+    return the producer that pauses and resumes the reading.
 
     Pipes and terminals go through ``twisted.internet.stdio``; regular files and
     /dev/null cannot be watched by epoll, so they are read in chunks between
@@ -116,21 +118,48 @@ def readStdin(reactor: object, protocol: Protocol) -> None:
     fd = sys.stdin.fileno()
     mode = os.fstat(fd).st_mode
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd):
-        stdio.StandardIO(protocol, stdin=fd, reactor=reactor)
-        return
+        return stdio.StandardIO(protocol, stdin=fd, reactor=reactor)  # type: ignore[no-any-return]
+    return _FileReader(reactor, fd, protocol)
 
-    def readSome() -> None:
+
+@implementer(IPushProducer)
+class _FileReader:
+    """Reads a regular file in chunks, one per reactor turn, while not paused."""
+
+    def __init__(self, reactor: object, fd: int, protocol: Protocol) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.protocol = protocol
+        self.paused = False
+        self.done = False
+        self._call = reactor.callLater(0, self._readSome)  # type: ignore[attr-defined]
+
+    def _readSome(self) -> None:
+        self._call = None
+        if self.paused or self.done:
+            return
         try:
-            data = os.read(fd, 1 << 16)
+            data = os.read(self.fd, 1 << 16)
         except OSError as e:
             raise TcplabError(f"cannot read stdin: {e.strerror}") from None
         if data:
-            protocol.dataReceived(data)
-            reactor.callLater(0, readSome)  # type: ignore[attr-defined]
+            self.protocol.dataReceived(data)
+            if not self.paused and self._call is None:
+                self._call = self.reactor.callLater(0, self._readSome)  # type: ignore[attr-defined]
         else:
-            protocol.connectionLost(Failure(EOFError()))
+            self.done = True
+            self.protocol.connectionLost(Failure(EOFError()))
 
-    reactor.callLater(0, readSome)  # type: ignore[attr-defined]
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._call is None and not self.done:
+            self._call = self.reactor.callLater(0, self._readSome)  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.done = True
 
 
 def writeStdout(data: bytes) -> None:

@@ -25,7 +25,7 @@ from zope.interface import provider
 
 from tcplab.cli import send as sendcli
 from tcplab.cli.common import ClientOptions, connect
-from tcplab.echoclient import EchoClient
+from tcplab.echoclient import EchoClient, LineBuffer
 from tcplab.errors import LocalFileError, TcplabError
 from tcplab.tap import echo as echotap
 from tcplab.tap import file as filetap
@@ -61,7 +61,10 @@ def serverLog(out: Say, namespaces: tuple[str, ...]) -> Iterator[list[str]]:
         if str(event.get("log_namespace", "")).startswith(namespaces):
             text = formatEvent(event)
             seen.append(text)
-            out(f"    server | {text}")
+            try:
+                out(f"    server | {text}")
+            except BrokenPipeError:
+                pass  # the command's own next write ends it quietly
 
     globalLogPublisher.addObserver(observe)
     try:
@@ -93,6 +96,19 @@ def _walk(service: object) -> Iterator[object]:
         yield from _walk(child)
 
 
+def byLine(handle: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """An EchoClient output that calls ``handle`` once per received line (newline included)."""
+    buffer = LineBuffer()
+
+    def feed(data: bytes) -> None:
+        block = buffer.feed(data)
+        if block:
+            for line in block[:-1].split(b"\n"):
+                handle(line + b"\n")
+
+    return feed
+
+
 def clientOptions(port: int, *argv: str) -> ClientOptions:
     options = ClientOptions()
     options.parseOptions(["--host", "127.0.0.1", "--port", str(port), *argv])
@@ -110,7 +126,7 @@ async def task1(reactor: object, out: Say) -> None:
                 lines.append(line)
                 out(f"    client | {line.decode('utf-8', 'backslashreplace').rstrip()}")
 
-            client = EchoClient(received, reactor, 5)  # type: ignore[arg-type]
+            client = EchoClient(byLine(received), reactor, 5)  # type: ignore[arg-type]
             await connect(reactor, clientOptions(port), client)
             client.sendLines([b"hello"])
             client.endInput()
@@ -153,7 +169,7 @@ async def task2(reactor: object, out: Say, clients: int = 300, atOnce: int = 50)
         for name in ("alice", "bob", "carol"):
             lines = seen.setdefault(name, [])
             chatters[name] = client = EchoClient(
-                lambda line, lines=lines: lines.append(line.decode("utf-8", "backslashreplace").rstrip("\n")),
+                byLine(lambda line, lines=lines: lines.append(line.decode("utf-8", "backslashreplace").rstrip("\n"))),
                 reactor, 5,  # type: ignore[arg-type]
             )
             await connect(reactor, clientOptions(port), client)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
-
-from twisted.internet.defer import Deferred
+import sys
 
 from tcplab.cli.common import ClientOptions, connect, readStdin, writeStdout
 from tcplab.echoclient import EchoClient, InputLines, UDPEchoClient
-from tcplab.errors import ConnectFailed
+from tcplab.errors import ConnectFailed, UsageProblem
+
+#: With --udp, stdin is read whole before the datagrams go (each line one datagram).
+MAX_UDP_INPUT = 1 << 20
 
 
 class Options(ClientOptions):
@@ -42,14 +44,19 @@ async def run(reactor: object, options: Options) -> None:
         client.sendLines(options["messages"])
         client.endInput()
     else:
-        readStdin(reactor, InputLines(client))
+        client.readFrom(readStdin(reactor, InputLines(client)))
     await client.done
 
 
 async def _runUDP(reactor: object, options: Options) -> None:
     messages = options["messages"]
     if not messages:
-        messages = [line for line in os.read(0, 1 << 20).split(b"\n") if line] if not os.isatty(0) else []
+        if os.isatty(0):
+            raise UsageProblem("with --udp, give MESSAGEs or pipe lines into stdin")
+        data = sys.stdin.buffer.read(MAX_UDP_INPUT + 1)
+        if len(data) > MAX_UDP_INPUT:
+            raise UsageProblem(f"with --udp, stdin may hold at most {MAX_UDP_INPUT} bytes (one datagram a line)")
+        messages = [line for line in data.split(b"\n") if line]
     try:
         infos = socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_DGRAM)
     except socket.gaierror as e:
@@ -64,8 +71,4 @@ async def _runUDP(reactor: object, options: Options) -> None:
     try:
         await client.done
     finally:
-        await Deferred.fromCoroutine(_stop(port))
-
-
-async def _stop(port: object) -> None:
-    port.stopListening()  # type: ignore[attr-defined]
+        port.stopListening()

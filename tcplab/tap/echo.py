@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from twisted.application import service
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from tcplab.echo import EchoFactory, UDPEcho
-from tcplab.tap.options import ListeningService, ServerOptions, floatOption
+from tcplab.tap.options import (
+    TCP_FAMILY,
+    CannotListen,
+    ListeningService,
+    ServerOptions,
+    endpointKind,
+    floatOption,
+)
 
 
 class Options(ServerOptions):
@@ -28,6 +36,9 @@ class Options(ServerOptions):
         self["udp-rate"] = floatOption("--udp-rate", self["udp-rate"], 0.001, 1e9)
         self["udp-burst"] = floatOption("--udp-burst", self["udp-burst"], 1, 1e9)
         self["idle-timeout"] = floatOption("--idle-timeout", self["idle-timeout"], 0, 1e9)
+        if self["udp"] and self["listen"] and endpointKind(self["listen"][0]) not in TCP_FAMILY:
+            raise usage.UsageError("--udp takes its port number from the first --listen, which must then be "
+                                   "tcp:, tcp6: or ssl:")
 
 
 class EchoService(service.MultiService):
@@ -49,13 +60,14 @@ class EchoService(service.MultiService):
         super().startService()
         if not self.options["udp"]:
             return
-        host = self.tcp.ports[0].getHost() if self.tcp.ports else None
-        port = getattr(host, "port", None)
-        if port is None:
-            raise usage.UsageError("--udp needs a TCP listener to take its port number from")
-        interface = getattr(host, "host", "")
+        host = self.tcp.ports[0].getHost()
+        port, interface = host.port, host.host  # type: ignore[attr-defined]
         self.udp = UDPEcho(self.options["udp-rate"], self.options["udp-burst"], self.reactor.seconds)
-        self.udpPort = self.reactor.listenUDP(port, self.udp, interface=interface)
+        try:
+            self.udpPort = self.reactor.listenUDP(port, self.udp, interface=interface)
+        except CannotListenError as e:
+            self.tcp.stopService()
+            raise CannotListen(f"tcplab: cannot listen for UDP on {interface}:{port}: {e.socketError}") from None
 
     def stopService(self):  # type: ignore[no-untyped-def]
         if self.udpPort is not None:

@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 log = Logger()
 
 DEFAULT_BACKLOG = 1024
-_BACKLOG_TYPES = ("tcp", "tcp6", "ssl")
+#: Server endpoint types that listen on a TCP port (and so take a backlog, and a port number).
+TCP_FAMILY = ("tcp", "tcp6", "ssl")
 
 
 def somaxconn() -> int | None:
@@ -34,15 +35,18 @@ def escapeEndpointValue(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
+def endpointKind(description: str) -> str:
+    """The endpoint type of a server endpoint string (a bare port number is ``tcp``)."""
+    kind = description.split(":", 1)[0].strip().lower()
+    return "tcp" if kind.isdigit() else kind
+
+
 def withBacklog(description: str, backlog: int) -> str:
     """Add ``backlog=`` to a TCP-family endpoint string that does not set one.
 
     Twisted's default of 50 makes bursts of connections wait seconds in SYN retries.
     """
-    kind = description.split(":", 1)[0].strip().lower()
-    if kind.isdigit():
-        kind = "tcp"
-    if kind not in _BACKLOG_TYPES or "backlog=" in description:
+    if endpointKind(description) not in TCP_FAMILY or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
 
