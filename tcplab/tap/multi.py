@@ -8,8 +8,8 @@ import socket
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -23,7 +23,6 @@ from tcplab.tap.options import (
     floatOption,
     intOption,
     raiseOpenFilesLimit,
-    somaxconn,
 )
 
 log = Logger(namespace="tcplab.multi")
@@ -94,10 +93,6 @@ class Options(ServerOptions):
             if not hasattr(socket, "SO_REUSEPORT"):
                 raise usage.UsageError("--reuse-port: this system has no SO_REUSEPORT")
 
-    def backlog(self) -> int:
-        cap = somaxconn()
-        return min(self["backlog"], cap) if cap else self["backlog"]  # type: ignore[no-any-return]
-
     def hubConfig(self) -> HubConfig:
         return HubConfig(
             sendQueue=self["send-queue"],
@@ -108,20 +103,19 @@ class Options(ServerOptions):
         )
 
 
-class ReusePortService(service.Service):
+class ReusePortService(ListeningService):
     """Listen on ``interface:port`` with SO_REUSEPORT (Twisted's listenTCP has no such flag: the socket
-    is made here and adopted by the reactor). Like :class:`ListeningService`, ``ports`` holds the port."""
+    is made here and adopted by the reactor). Stops, and keeps ``ports``, as :class:`ListeningService`."""
 
     def __init__(self, port: int, interface: str, backlog: int, factory: IProtocolFactory, reactor: Any) -> None:
+        super().__init__([], factory, reactor)
         self.port = port
         self.interface = interface
         self.backlog = backlog
-        self.factory = factory
         self.reactor = reactor
-        self.ports: list[IListeningPort] = []
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         where = f"[{self.interface}]:{self.port}" if ":" in self.interface else f"{self.interface or '*'}:{self.port}"
         try:
             family, _, _, _, address = socket.getaddrinfo(
@@ -143,11 +137,6 @@ class ReusePortService(service.Service):
         finally:
             sock.close()
 
-    def stopService(self) -> Deferred[object]:  # type: ignore[override]
-        super().stopService()
-        ports, self.ports = self.ports, []
-        return gatherResults([maybeDeferred(p.stopListening) for p in ports]).addCallback(lambda _: None)
-
 
 class MultiService(service.MultiService):
     """The listeners, the hub and its backplane; stopping closes the listeners, then tells every client
@@ -164,7 +153,7 @@ class MultiService(service.MultiService):
             self.backplane = RedisBackplane(address, options["channel"], self.reactor, ttl=options["presence-ttl"])
         self.hub = MultiHub(options.hubConfig(), self.reactor, self.backplane)  # type: ignore[arg-type]
         self.statsInterval: float = options["stats-interval"]
-        self.listening: ListeningService | ReusePortService
+        self.listening: ListeningService
         if options["reuse-port"]:
             self.listening = ReusePortService(options["port"], options["interface"], options.backlog(), self.hub,
                                               self.reactor)

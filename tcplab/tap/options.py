@@ -97,12 +97,15 @@ class ServerOptions(usage.Options):
         for description in self["listen"]:
             checkServerEndpoint(description)
 
+    def backlog(self) -> int:
+        """``--backlog``, capped by the kernel's somaxconn."""
+        cap = somaxconn()
+        return min(self["backlog"], cap) if cap else self["backlog"]  # type: ignore[no-any-return]
+
     def endpointDescriptions(self) -> list[str]:
         """The endpoint strings this server listens on, each with a raised backlog."""
-        cap = somaxconn()
-        backlog = min(self["backlog"], cap) if cap else self["backlog"]
         descriptions = self["listen"] or [_portDescription(self["port"], self["interface"])]
-        return [withBacklog(d, backlog) for d in descriptions]
+        return [withBacklog(d, self.backlog()) for d in descriptions]
 
 
 def checkServerEndpoint(description: str) -> None:
