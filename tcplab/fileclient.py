@@ -48,6 +48,7 @@ from tcplab.filewire import (
     parseReply,
     safeText,
 )
+from tcplab.hashing import hashRange
 
 #: Bytes read from the file and written to the connection at a time.
 CHUNK_SIZE = 1 << 20
@@ -361,33 +362,51 @@ class Uploader:
 
         try:
             size = os.fstat(fd).st_size
-            resume = self.resume
+            # What the server holds is asked for once: a PUT retried on a new connection (the server's
+            # --max-files-per-connection may allow only one request) goes on from the same offset.
+            offset, prefix = await self._held(fd, size, path, name) if self.resume else (0, None)
             for attempt in range(3):
+                hasher = prefix.copy() if prefix is not None else hashlib.sha256()
+                if offset:
+                    counted(offset)
                 try:
-                    return await self._sendOnce(fd, size, path, name, resume, counted)
+                    return await self._put(fd, size, path, name, offset, hasher, counted)
                 except TcplabError as e:
                     code = serverCode(e)
                     if attempt == 2 or code not in (ErrorCode.TOO_MANY_FILES.value, ErrorCode.BAD_OFFSET.value):
                         raise
                     if code == ErrorCode.BAD_OFFSET.value:
-                        resume = False
+                        offset, prefix = 0, None
                     progress(-reported)
                     reported = 0
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
             os.close(fd)
 
-    async def _sendOnce(self, fd: int, size: int, path: str, name: str, resume: bool, progress: Progress) -> Sent:
-        hasher = hashlib.sha256()
-        offset = 0
-        if resume:
-            have = await (await self._connection()).stat(size, name, self.token)
-            if 0 < have.offset <= size:
-                prefix = hashlib.sha256()
-                await self.runBlocking(_hashRange, fd, have.offset, prefix)
-                if prefix.hexdigest() == have.sha256:
-                    hasher, offset = prefix, have.offset
-                    progress(offset)
+    async def _held(self, fd: int, size: int, path: str, name: str) -> tuple[int, Any]:
+        """STAT: the offset to resume at and the hash of the bytes before it, when they are
+        the local file's (else 0 and None). Retried once on a new connection at the server's cap."""
+        for attempt in range(2):
+            try:
+                have = await (await self._connection()).stat(size, name, self.token)
+                break
+            except TcplabError as e:
+                if attempt or serverCode(e) != ErrorCode.TOO_MANY_FILES.value:
+                    raise
+        if not 0 < have.offset <= size:
+            return 0, None
+        prefix = hashlib.sha256()
+        try:
+            await self.runBlocking(hashRange, fd, have.offset, prefix)
+        except OSError as e:
+            raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
+        if prefix.hexdigest() != have.sha256:
+            return 0, None
+        return have.offset, prefix
+
+    async def _put(self, fd: int, size: int, path: str, name: str, offset: int, hasher: Any,
+                   progress: Progress) -> Sent:
+        """Send bytes ``offset..size-1`` (``hasher`` holds the hash of those before) and check the reply."""
         client = await self._connection()
         header = formatPut(size, name, trailer=True, offset=offset, token=self.token, clash=self.clash)
         ok: Ok = await client.put(header, name, fd, offset, size, hasher, path, progress)
@@ -396,17 +415,3 @@ class Uploader:
             raise VerificationFailed(f"{escapeName(name)}: the server reports {ok.size} bytes with sha256 "
                                      f"{ok.sha256}, but {size} bytes with sha256 {sha256} were sent")
         return Sent(name, ok.name, size, sha256, offset)
-
-
-def _hashRange(fd: int, length: int, hasher: Any) -> None:
-    """(Blocking.) Hash the first ``length`` bytes of ``fd``, to compare with what the server holds."""
-    position = 0
-    while position < length:
-        try:
-            chunk = os.pread(fd, min(CHUNK_SIZE, length - position), position)
-        except OSError as e:
-            raise LocalFileError(f"cannot read the file: {e.strerror}") from None
-        if not chunk:
-            raise LocalFileError("the file got shorter while it was being read")
-        hasher.update(chunk)
-        position += len(chunk)

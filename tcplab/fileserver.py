@@ -377,7 +377,7 @@ class FileReceiver(Protocol):
                 self._stat(request, parts)
             else:
                 self._startPut(request, parts)
-        except WireError as e:
+        except (WireError, StorageError) as e:
             self._fail(e.code, e.message)
 
     def _checkToken(self, token: str | None) -> None:

@@ -7,7 +7,9 @@ locked with ``flock`` while in use). Once the body is complete and verified it i
 fsync'ed, hard-linked under its final name (``link`` fails on any existing name,
 a planted symlink included, so clashes are detected race-free and a unique
 ``name (1).ext`` is taken instead), the temp name is removed and the folders are
-fsync'ed. Only then does the caller hear of success.
+fsync'ed. Only then does the caller hear of success. (With ``--overwrite`` the
+temp is renamed over the old file instead; should the folder fsync fail after
+that, the new file stays and the error says so: the old one is gone already.)
 
 Blocking steps (fsync, link, folder fsync, hashing a kept prefix, cleaning) run
 through ``runBlocking`` (a thread by default; tests pass a synchronous one).
@@ -26,10 +28,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tcplab.filewire import MAX_NAME_BYTES, RESERVED_PREFIX, Clash, ErrorCode, escapeName
+from tcplab.hashing import hashRange
 
 log = Logger(namespace="tcplab.filestore")
 
@@ -40,7 +43,6 @@ TEMP_SUFFIX = ".tmp"
 PARTIAL_SUFFIX = ".partial"
 #: How many ``name (n).ext`` a clash may try before giving up.
 MAX_UNIQUE = 10000
-_READ_CHUNK = 1 << 20
 #: Start the kernel's writeback of a body every this many bytes.
 WRITEBACK_STEP = 32 << 20
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -61,7 +63,16 @@ class NoSpace(StorageError):
 
 
 class NameTaken(StorageError):
+    """``clash=fail`` and the name is taken: the one case of ``ERR exists``."""
+
     code = ErrorCode.EXISTS
+
+
+class PathBlocked(StorageError):
+    """A file or symlink sits where the path needs a folder, or a folder where the file
+    would go with --overwrite: the name cannot be used (``bad-name``), whatever ``clash=`` says."""
+
+    code = ErrorCode.BAD_NAME
 
 
 class BadOffset(StorageError):
@@ -72,11 +83,11 @@ class StoreIOError(StorageError):
     code = ErrorCode.IO_ERROR
 
 
-def _ioError(e: OSError, doing: str) -> StorageError:
+def _ioError(e: OSError, doing: str, then: str = "") -> StorageError:
     reason = e.strerror or type(e).__name__
     if e.errno in _NO_SPACE_ERRNOS:
-        return NoSpace(f"{doing}: {reason} (the server's disk is full)")
-    return StoreIOError(f"{doing}: {reason}")
+        return NoSpace(f"{doing}: {reason} (the server's disk is full){then}")
+    return StoreIOError(f"{doing}: {reason}{then}")
 
 
 def synchronous(f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
@@ -242,11 +253,11 @@ class FileStore:
             else:
                 fd, name = opened
         except StorageError as e:
-            return _failed(e)
+            return fail(e)
         self.reserved += needed
         upload = Upload(self, fd, name, parts, size, offset, hashlib.sha256(), resumable)
         if not resumable:
-            return _succeeded(upload)
+            return succeed(upload)
         if offset == 0:
             return maybeDeferred(self._truncate, upload).addErrback(self._abandon, upload)
         if held is not None and offset == held.length and self._same(fd, held):
@@ -320,26 +331,33 @@ class FileStore:
             length = os.fstat(upload.fd).st_size
             if length < upload.offset:
                 raise BadOffset(f"the server holds {length} bytes, not {upload.offset}: send from 0")
-            _hashFd(upload.fd, upload.offset, upload.hasher)
+            hashRange(upload.fd, upload.offset, upload.hasher)
         except OSError as e:
             raise _ioError(e, "cannot read the partial file") from None
         return self._truncate(upload)
 
     def exists(self, parts: tuple[str, ...]) -> bool:
         """Whether something already has this stored path (symlinks not followed): lets a
-        ``clash=fail`` upload be refused before its body. The commit checks again, race-free."""
+        ``clash=fail`` upload be refused before its body. The commit checks again, race-free.
+        Raises PathBlocked when a folder of the path is a file or symlink."""
         fds: list[int] = []
         try:
             parent = self.dirFd
             for part in parts[:-1]:
-                parent = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                try:
+                    parent = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     dir_fd=parent)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise _notAFolder(part) from None
+                    raise
                 fds.append(parent)
             os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
             return True
         except FileNotFoundError:
             return False
-        except OSError as e:
-            return e.errno in (errno.ELOOP, errno.ENOTDIR)
+        except OSError:
+            return False  # the commit will say what is wrong
         finally:
             for fd in fds:
                 os.close(fd)
@@ -350,10 +368,10 @@ class FileStore:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dirFd)
         except OSError:
-            return _succeeded(None)
+            return succeed(None)
         if not self._lockOwned(fd, name):
             os.close(fd)
-            return _succeeded(None)
+            return succeed(None)
 
         def hashIt() -> HeldPrefix | None:
             try:
@@ -361,7 +379,7 @@ class FileStore:
                 if st.st_size > size:
                     return None
                 hasher = hashlib.sha256()
-                _hashFd(fd, st.st_size, hasher)
+                hashRange(fd, st.st_size, hasher)
                 return HeldPrefix(name, st.st_dev, st.st_ino, st.st_size, hasher)
             except OSError:
                 return None
@@ -377,6 +395,7 @@ class FileStore:
         created: list[tuple[int, str]] = []
         dirFds: list[int] = []
         linked: tuple[int, str] | None = None
+        tempGone = False
         try:
             try:
                 self.fsync(upload.fd)
@@ -387,19 +406,29 @@ class FileStore:
             for part in upload.parts[:-1]:
                 target = self._openFolder(target, part, created)
                 dirFds.append(target)
-            final = self._place(upload, target, upload.parts[-1], clash)
-            linked = (target, final)
+            final, replaced = self._place(upload, target, upload.parts[-1], clash)
+            tempGone = True
+            stored = "/".join((*upload.parts[:-1], final))
+            if not replaced:
+                linked = (target, final)
             try:
                 for fd in {target, self.dirFd, *(parent for parent, _ in created)}:
                     self.fsync(fd)
             except OSError as e:
+                if replaced:
+                    # The old file is gone already: removing the new one would lose both.
+                    raise _ioError(e, f"{escapeName(stored)} was written over the old file, but the folder "
+                                      "could not be flushed to disk", "; it may be lost in a crash: send it again"
+                                   ) from None
                 raise _ioError(e, "cannot flush the folder to disk") from None
             linked = None
-            return "/".join((*upload.parts[:-1], final))
+            return stored
         except BaseException:
             if linked is not None:
                 _quietly(os.unlink, linked[1], dir_fd=linked[0])
-            _quietly(os.unlink, upload.tempName, dir_fd=self.dirFd)
+            if not tempGone:
+                # Once placed, the temp name is free: a partial of that name may be another upload's by now.
+                _quietly(os.unlink, upload.tempName, dir_fd=self.dirFd)
             raise
         finally:
             for fd in dirFds:
@@ -418,19 +447,21 @@ class FileStore:
             return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise NameTaken(f"{escapeName(name)} exists and is not a folder") from None
+                raise _notAFolder(name) from None
             raise _ioError(e, f"cannot open the folder {escapeName(name)}") from None
 
-    def _place(self, upload: Upload, target: int, name: str, clash: Clash | None) -> str:
-        """Put the temp file under ``name`` (or a free ``name (n).ext``); return the name used."""
+    def _place(self, upload: Upload, target: int, name: str, clash: Clash | None) -> tuple[str, bool]:
+        """Put the temp file under ``name`` (or a free ``name (n).ext``); return the name used,
+        and whether it replaced what was there (--overwrite)."""
         if clash is None and self.overwrite:
             try:
                 os.replace(upload.tempName, name, src_dir_fd=self.dirFd, dst_dir_fd=target)
             except OSError as e:
                 if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                    raise NameTaken(f"{escapeName(name)} exists and is a folder") from None
+                    raise PathBlocked(f"{escapeName(name)} is a folder on the server, which --overwrite does not "
+                                      "replace: send under another name") from None
                 raise _ioError(e, "cannot rename the file into place") from None
-            return name
+            return name, True
         for n in range(MAX_UNIQUE):
             candidate = uniqueName(name, n)
             try:
@@ -447,7 +478,7 @@ class FileStore:
             except OSError as e:
                 _quietly(os.unlink, candidate, dir_fd=target)
                 raise _ioError(e, "cannot remove the temporary name") from None
-            return candidate
+            return candidate, False
         raise NameTaken(f"{escapeName(name)} and {MAX_UNIQUE} numbered variants already exist")
 
     # -- housekeeping -----------------------------------------------------------
@@ -502,14 +533,9 @@ def uniqueName(name: str, n: int) -> str:
     return stem + tag + ext
 
 
-def _hashFd(fd: int, length: int, hasher: Any) -> None:
-    position = 0
-    while position < length:
-        chunk = os.pread(fd, min(_READ_CHUNK, length - position), position)
-        if not chunk:
-            raise OSError(errno.EIO, "the partial file is shorter than it was")
-        hasher.update(chunk)
-        position += len(chunk)
+def _notAFolder(name: str) -> PathBlocked:
+    return PathBlocked(f"{escapeName(name)} is a file or symlink on the server, not a folder: "
+                       "send under another name")
 
 
 def _quietly(f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -518,14 +544,3 @@ def _quietly(f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     except OSError:
         pass
 
-
-def _succeeded(value: T) -> Deferred[T]:
-    d: Deferred[T] = Deferred()
-    d.callback(value)
-    return d
-
-
-def _failed(error: Exception) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(error)
-    return d

@@ -1,7 +1,8 @@
 """The tcplab-file wire format: request lines, trailers and replies (docs/PROTOCOL.md).
 
-Pure functions and frozen dataclasses, no I/O: the server and the client both
-parse and format through here, so the two cannot drift apart.
+Pure functions and frozen dataclasses, no network I/O: the server and the client
+both parse and format through here, so the two cannot drift apart. (``loadToken``
+reads the shared token the same way for both: a file, or ``$TCPLAB_TOKEN``.)
 
 A request is one UTF-8 line of at most ``MAX_HEADER`` bytes (LF included)::
 
@@ -15,8 +16,10 @@ and every PUT gets one reply line, ``OK <size> <sha256> <stored-name>`` or
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -33,6 +36,8 @@ MAX_PARTS = 64
 #: Largest size the protocol accepts (what a signed 64-bit file offset can hold).
 MAX_SIZE = 2**63 - 1
 MAX_TOKEN = 1024
+#: Where the token comes from when no token file is given.
+TOKEN_ENV = "TCPLAB_TOKEN"
 #: Stored names may not start with this: the server keeps its temp and partial files under it.
 RESERVED_PREFIX = ".tcplab-"
 #: SHA-256 of no bytes: what ``HAVE 0`` carries.
@@ -316,6 +321,8 @@ def checkPart(part: str) -> None:
         raise WireError(ErrorCode.BAD_NAME, "empty name (or a doubled or trailing '/')")
     if part in (".", ".."):
         raise WireError(ErrorCode.BAD_NAME, f"{part!r} is not a file name")
+    if "/" in part:
+        raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a '/' (a path separator)")
     if "\\" in part:
         raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a backslash (a path separator on Windows)")
     for ch in part:
@@ -342,6 +349,8 @@ def storedParts(parts: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     see ``RESERVED_PREFIX``), so no temp suffix has to fit into a stored name.
     """
     stored = (prefix + parts[0], *parts[1:])
+    if prefix:
+        checkPart(stored[0])  # the prefix is checked at startup; this keeps any prefix inside the folder
     for part in stored:
         if len(part.encode("utf-8")) > MAX_NAME_BYTES:
             raise WireError(ErrorCode.BAD_NAME, f"{_quote(part[:40])}... is longer than {MAX_NAME_BYTES} bytes")
@@ -407,3 +416,34 @@ def checkToken(text: str) -> str:
     if any(ch.isspace() or not ch.isprintable() for ch in token):
         raise ValueError("the token may not contain spaces or control characters")
     return token
+
+
+class TokenError(ValueError):
+    """The token file cannot be read or holds no usable token (one line, naming its source)."""
+
+
+def loadToken(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The shared token from the file ``path``, else from ``$TCPLAB_TOKEN``, else None.
+
+    The server and the client read it alike, so a token file that works for one works
+    for the other; each turns ``TokenError`` into its own kind of error.
+    """
+    if path:
+        source = f"--token-file {_quote(path)}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 16)
+        except OSError as e:
+            raise TokenError(f"cannot read {source}: {e.strerror or type(e).__name__}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TokenError(f"{source} is not UTF-8 text") from None
+    elif environ.get(TOKEN_ENV):
+        source, text = f"${TOKEN_ENV}", environ[TOKEN_ENV]
+    else:
+        return None
+    try:
+        return checkToken(text)
+    except ValueError as e:
+        raise TokenError(f"{source}: {e}") from None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
 TCPLAB = [sys.executable, "-m", "tcplab"]
@@ -79,3 +82,11 @@ def runTcplab(*argv: str, input: bytes | None = None, timeout: float = 30.0) -> 
         [*TCPLAB, *argv], input=input, stdin=None if input is not None else subprocess.DEVNULL,
         capture_output=True, timeout=timeout, env=childEnv(),
     )
+
+
+def scratch(case: Any) -> str:
+    """A fresh folder outside the working tree, removed after the test (trial's ``mktemp``
+    makes folders under the current directory, which under pytest is the checkout)."""
+    path = tempfile.mkdtemp(prefix="tcplab-test-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path

@@ -26,8 +26,7 @@ from tcplab.fileserver import FileReceiver, FileReceiverFactory, peerKey
 from tcplab.filestore import FileStore, synchronous
 from tcplab.filewire import Err, ErrorCode, Ok, formatPut, parseReply
 from tcplab.tap import file as filetap
-from tests.support import childEnv
-from tests.test_send import scratch
+from tests.support import childEnv, scratch
 
 
 def v4(host: str, port: int = 40000) -> IPv4Address:

@@ -7,16 +7,16 @@ import re
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial import unittest
+from twisted.trial import reporter, unittest
 
 from tcplab.cli import demo
 from tcplab.tap import echo as echotap
-from tests.support import runTcplab
+from tests.support import runTcplab, scratch
 
 
 class DemoCommandTests(unittest.TestCase):
     def test_showsTheThreeResults(self) -> None:
-        folder = os.path.abspath(self.mktemp())
+        folder = scratch(self)
         result = runTcplab("demo", "--dir", folder, timeout=120)
         out = result.stdout.decode()
         self.assertEqual(result.returncode, 0, out + result.stderr.decode())
@@ -61,3 +61,22 @@ class DemoFailureTests(unittest.TestCase):
         self.assertEqual(failure.code, 1)
         self.assertTrue(str(failure).startswith("Task 1 failed: no echo"), str(failure))
         self.assertIn("    client | HELLO", lines)
+
+
+class ScratchTests(unittest.SynchronousTestCase):
+    """Test folders go to the system's temporary folder and go away: none is left in the checkout."""
+
+    def test_outsideTheWorkingTreeAndRemoved(self) -> None:
+        made: list[str] = []
+
+        class Case(unittest.SynchronousTestCase):
+            def test_it(self) -> None:
+                made.append(scratch(self))
+
+        result = reporter.TestResult()
+        Case("test_it").run(result)
+        self.assertEqual((result.errors, result.failures), ([], []))
+        self.assertEqual(len(made), 1)
+        cwd = os.path.realpath(os.getcwd())
+        self.assertFalse(os.path.realpath(made[0]).startswith(cwd + os.sep), made[0])
+        self.assertFalse(os.path.exists(made[0]))

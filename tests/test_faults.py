@@ -29,8 +29,7 @@ from tcplab.fileserver import FileReceiver, FileReceiverFactory
 from tcplab.filestore import FileStore, synchronous
 from tcplab.filewire import Err, Ok, formatPut, formatTrailer, parseReply
 from tcplab.tap import file as filetap
-from tests.support import ServerProcess, childEnv
-from tests.test_send import scratch
+from tests.support import ServerProcess, childEnv, scratch
 
 
 def sha(data: bytes) -> str:
@@ -168,6 +167,27 @@ class StorageFaultTests(SynchronousTestCase):
                     self.assertEqual(self.reply(transport).code, code)
                     protocol.connectionLost(None)  # type: ignore[arg-type]
                     self.assertHealthy()
+
+    def test_folderFsyncFailsAfterOverwrite(self) -> None:
+        """--overwrite: the new file has replaced the old one when the folder fsync fails. It stays
+        (removing it would leave neither), and the client hears io-error saying it is there but not safe."""
+        self.store.overwrite = True
+        protocol, transport = self.connect()
+        protocol.dataReceived(formatPut(3, "a") + b"old")
+        self.assertIsInstance(self.reply(transport), Ok)
+        self.store.fsync = raisingAfter(1, errno.EIO)
+        protocol, transport = self.connect()
+        protocol.dataReceived(formatPut(3, "a", trailer=True) + b"new" + formatTrailer(sha(b"new")))
+        reply = self.reply(transport)
+        self.assertEqual(reply.code, "io-error")
+        self.assertIn("received_a was written over the old file, but the folder could not be flushed to disk: "
+                      "Input/output error; it may be lost in a crash: send it again", reply.message)
+        protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual(os.listdir(self.dir), ["received_a"])
+        with open(os.path.join(self.dir, "received_a"), "rb") as f:
+            self.assertEqual(f.read(), b"new")
+        self.assertEqual(self.store.reserved, 0)
+        self.assertLessEqual(openFds(), self.fds)
 
 
 def raising(error: int) -> Callable[..., Any]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
-import tempfile
 from typing import Any
 
 from hypothesis import given, settings
@@ -32,15 +30,7 @@ from tcplab.filewire import (
     formatTrailer,
     parseReply,
 )
-
-
-def scratch(case: Any) -> str:
-    """A fresh folder removed after the test (``mktemp`` would leave folders in the
-    working directory under pytest)."""
-    path = tempfile.mkdtemp(prefix="tcplab-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
+from tests.support import scratch
 
 LAB = b"the lab's secret\n" * 10
 LAB_SHA = hashlib.sha256(LAB).hexdigest()
@@ -379,6 +369,32 @@ class BadInputTests(ServerTestCase):
                 self.assertTrue(error.message.isprintable())
         self.assertNothingStored()
         self.assertEqual(os.listdir(os.path.dirname(os.path.abspath(self.dir))), [os.path.basename(self.dir)])
+
+    def test_prefixCannotLeadOutOfTheFolder(self) -> None:
+        """Even a prefix with a '/' in it (the tap refuses one at startup) keeps every file in --dir."""
+        for prefix in ("../escaped_", "sub/"):
+            with self.subTest(prefix=prefix):
+                self.factory = self.makeFactory(prefix=prefix)
+                _, transport = self.send(put("a.txt", b"abc"))
+                self.assertIn("'/'", self.assertRefused(transport, "bad-name").message)
+        self.assertNothingStored()
+        self.assertEqual(os.listdir(os.path.dirname(os.path.abspath(self.dir))), [os.path.basename(self.dir)])
+
+    def test_fileWhereAFolderIsNeeded(self) -> None:
+        """A folder of the path is a file or symlink on the server: bad-name (the client exits 7),
+        not exists (which means the name is taken: exit 8 with --no-rename)."""
+        self.send(put("top", b"file"))
+        os.symlink("/tmp", os.path.join(self.dir, "received_link"))
+        for name in ("top/a.txt", "link/a.txt"):
+            for clash in (None, Clash.FAIL):
+                with self.subTest(name=name, clash=clash):
+                    protocol, transport = self.send(formatPut(3, name, clash=clash))
+                    if clash is None:
+                        protocol.dataReceived(b"abc")  # found when the file is placed, after the body
+                    error = self.assertRefused(transport, "bad-name")
+                    self.assertIn("is a file or symlink on the server, not a folder", error.message)
+        self.assertEqual(self.visible(), {"received_top": b"file"})
+        self.assertEqual(self.hidden(), [])
 
     def test_checksumMismatchUpFront(self) -> None:
         _, transport = self.send(formatPut(5, "a", sha256=sha(b"hellO")) + b"hello")

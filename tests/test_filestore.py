@@ -5,20 +5,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcplab import filestore
+from tcplab import fileclient, filestore, hashing
 from tcplab.filestore import (
     BadOffset,
     FileStore,
     NameTaken,
     NoSpace,
+    PathBlocked,
     StorageError,
     StoreIOError,
     Upload,
@@ -26,14 +25,7 @@ from tcplab.filestore import (
     uniqueName,
 )
 from tcplab.filewire import MAX_NAME_BYTES, Clash
-
-
-def scratch(case: Any) -> str:
-    """A fresh folder removed after the test (``mktemp`` would leave folders in the
-    working directory under pytest)."""
-    path = tempfile.mkdtemp(prefix="tcplab-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
+from tests.support import scratch
 
 
 def result(d: Any) -> Any:
@@ -144,9 +136,12 @@ class PlacementTests(StoreTestCase):
             self.upload(("a",), b"new", clash=Clash.FAIL, store=store)
 
     def test_overwriteFolderRefused(self) -> None:
+        """A folder is not replaced by a file; that is no name clash (exit 8) but a name that cannot be used."""
         os.mkdir(os.path.join(self.dir, "a"))
-        with self.assertRaises(NameTaken):
+        with self.assertRaises(PathBlocked) as caught:
             self.upload(("a",), b"new", store=self.makeStore(overwrite=True))
+        self.assertEqual(caught.exception.code.value, "bad-name")
+        self.assertIn("is a folder", caught.exception.message)
         self.assertEqual(hidden(self.dir), [])
 
     def test_subfolders(self) -> None:
@@ -158,7 +153,7 @@ class PlacementTests(StoreTestCase):
     def test_symlinkedFolderNotFollowed(self) -> None:
         outside = scratch(self)
         os.symlink(os.path.abspath(outside), os.path.join(self.dir, "received_top"))
-        with self.assertRaises(NameTaken):
+        with self.assertRaises(PathBlocked):
             self.upload(("received_top", "f.txt"), b"x")
         self.assertEqual(os.listdir(outside), [])
         self.assertEqual(hidden(self.dir), [])
@@ -170,14 +165,23 @@ class PlacementTests(StoreTestCase):
         self.assertTrue(self.store.exists(("received_top", "f.txt")))
         self.assertTrue(self.store.exists(("received_top",)))
         self.assertTrue(self.store.exists(("dangling",)))
-        self.assertTrue(self.store.exists(("link", "passwd")), "a symlinked folder is in the way")
+        with self.assertRaises(PathBlocked, msg="a symlinked folder is in the way"):
+            self.store.exists(("link", "passwd"))
         self.assertFalse(self.store.exists(("received_top", "g.txt")))
         self.assertFalse(self.store.exists(("nothing", "g.txt")))
 
     def test_fileWhereFolderShouldBe(self) -> None:
+        """Not ``exists`` (that is for a taken name, exit 8 with --no-rename) but ``bad-name``,
+        whatever ``clash=`` says: no new name would help."""
         self.upload(("received_top",), b"x")
-        with self.assertRaises(NameTaken):
-            self.upload(("received_top", "f.txt"), b"y")
+        for clash in (None, Clash.FAIL, Clash.RENAME):
+            with self.subTest(clash=clash), self.assertRaises(PathBlocked) as caught:
+                self.upload(("received_top", "f.txt"), b"y", clash=clash)
+            self.assertEqual(caught.exception.code.value, "bad-name")
+            self.assertIn("received_top is a file or symlink on the server, not a folder", caught.exception.message)
+        with self.assertRaises(PathBlocked):
+            self.store.exists(("received_top", "f.txt"))
+        self.assertEqual(hidden(self.dir), [])
 
     def test_uniqueNameFitsLimit(self) -> None:
         self.assertEqual(uniqueName("report.txt", 1), "report (1).txt")
@@ -259,6 +263,28 @@ class FailureTests(StoreTestCase):
             self.upload(("a",), b"hello")
         self.assertEqual(os.listdir(self.dir), [])
 
+    def test_folderFsyncErrorAfterOverwriteKeepsTheNewFile(self) -> None:
+        """With --overwrite the old file is gone once the rename is done: a failing folder fsync
+        after it must not remove the new one too. The error says the file is there, but not safe."""
+        store = self.makeStore(overwrite=True)
+        self.upload(("a",), b"old", store=store)
+        fsyncs = []
+
+        def fsync(fd: int) -> None:
+            fsyncs.append(fd)
+            if len(fsyncs) > 1:
+                raise OSError(errno.EIO, "folder fsync failed")
+            os.fsync(fd)
+
+        store.fsync = fsync
+        with self.assertRaises(StoreIOError) as caught:
+            self.upload(("a",), b"new", store=store)
+        self.assertEqual(self.read("a"), b"new")
+        self.assertEqual(os.listdir(self.dir), ["a"])
+        self.assertIn("a was written over the old file, but the folder could not be flushed to disk",
+                      caught.exception.message)
+        self.assertIn("send it again", caught.exception.message)
+
     def test_noSpaceBeforeTheBody(self) -> None:
         self.store.freeBytes = lambda: 1000  # type: ignore[method-assign]
         with self.assertRaises(NoSpace):
@@ -277,6 +303,7 @@ class FailureTests(StoreTestCase):
     def test_storageErrorsCarryCodes(self) -> None:
         self.assertEqual({c.code.value for c in (NoSpace, NameTaken, BadOffset, StoreIOError, StorageError)},
                          {"no-space", "exists", "bad-offset", "io-error"})
+        self.assertEqual(PathBlocked.code.value, "bad-name")
 
 
 class PartialTests(StoreTestCase):
@@ -392,3 +419,27 @@ class CleanupTests(StoreTestCase):
         temp.abort()
 
     data = PartialTests.data
+
+
+class HashRangeTests(SynchronousTestCase):
+    """The one loop both the server (a kept partial) and the client (before resuming) hash with."""
+
+    def test_hashesTheFirstBytes(self) -> None:
+        data = os.urandom(3000)
+        path = os.path.join(scratch(self), "f")
+        with open(path, "wb") as f:
+            f.write(data)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        for length, chunk in ((0, 1024), (1000, 7), (3000, 1024), (3000, 1 << 20)):
+            hasher = hashlib.sha256()
+            hashing.hashRange(fd, length, hasher, chunk)
+            self.assertEqual(hasher.hexdigest(), hashlib.sha256(data[:length]).hexdigest())
+        self.assertEqual(os.lseek(fd, 0, os.SEEK_CUR), 0, "the file position is left alone")
+        with self.assertRaises(OSError) as caught:
+            hashing.hashRange(fd, 3001, hashlib.sha256())
+        self.assertEqual(caught.exception.errno, errno.EIO)
+
+    def test_serverAndClientShareIt(self) -> None:
+        self.assertIs(filestore.hashRange, hashing.hashRange)
+        self.assertIs(fileclient.hashRange, hashing.hashRange)

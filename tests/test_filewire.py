@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,9 @@ from tcplab.filewire import (
     Ok,
     Put,
     Stat,
+    TokenError,
     WireError,
+    checkPart,
     checkPath,
     checkToken,
     escapeName,
@@ -28,12 +31,14 @@ from tcplab.filewire import (
     formatPut,
     formatStat,
     formatTrailer,
+    loadToken,
     parseReply,
     parseRequest,
     parseTrailer,
     storedParts,
     unescapeName,
 )
+from tests.support import scratch
 
 SHA = hashlib.sha256(b"hello").hexdigest()
 
@@ -244,6 +249,20 @@ class NameTests(SynchronousTestCase):
             self.assertEqual(caught.exception.code, ErrorCode.BAD_NAME)
         self.assertEqual(storedParts(("я" * 123,), "received_"), ("received_" + "я" * 123,))
 
+    def test_partHasNoSlash(self) -> None:
+        """A part is one name: with a '/' it would be a path (``--prefix ../escaped_`` stored outside --dir)."""
+        for part in ("../escaped_", "a/b", "/", "sub/"):
+            with self.subTest(part=part), self.assertRaises(WireError) as caught:
+                checkPart(part)
+            self.assertEqual(caught.exception.code, ErrorCode.BAD_NAME)
+        checkPart("received_")
+
+    def test_prefixStaysOnePart(self) -> None:
+        for prefix in ("../escaped_", "sub/", "a\\b"):
+            with self.subTest(prefix=prefix), self.assertRaises(WireError) as caught:
+                storedParts(("a.txt",), prefix)
+            self.assertEqual(caught.exception.code, ErrorCode.BAD_NAME)
+
     def test_reservedPrefix(self) -> None:
         """Stored names cannot pose as the server's own temp or partial files."""
         with self.assertRaises(WireError):
@@ -329,3 +348,36 @@ class TokenTests(SynchronousTestCase):
         for bad in ["", " \n", "two words", "tab\there", "x" * 2000]:
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 checkToken(bad)
+
+
+class LoadTokenTests(SynchronousTestCase):
+    """One way to read the token for the server and the client: a file, else $TCPLAB_TOKEN."""
+
+    def write(self, data: bytes) -> str:
+        path = os.path.join(scratch(self), "token")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def test_fromFile(self) -> None:
+        self.assertEqual(loadToken(self.write(b"s3cret\n"), {"TCPLAB_TOKEN": "other"}), "s3cret")
+
+    def test_fromEnvironment(self) -> None:
+        self.assertEqual(loadToken(None, {"TCPLAB_TOKEN": " s3cret "}), "s3cret")
+        self.assertIsNone(loadToken(None, {"TCPLAB_TOKEN": ""}))
+        self.assertIsNone(loadToken(None, {}))
+
+    def test_problemsAreOneKindOfError(self) -> None:
+        missing = os.path.join(scratch(self), "missing\x1b")
+        cases = [
+            (missing, {}, "cannot read --token-file '" + escapeName(missing) + "': No such file or directory"),
+            (self.write(b"two words"), {}, "may not contain spaces"),
+            (self.write(b"\xff\xfe"), {}, "is not UTF-8 text"),
+            (self.write(b""), {}, "the token is empty"),
+            (None, {"TCPLAB_TOKEN": "tab\there"}, "$TCPLAB_TOKEN: "),
+        ]
+        for path, environ, message in cases:
+            with self.subTest(message=message), self.assertRaises(TokenError) as caught:
+                loadToken(path, environ)
+            self.assertIn(message, str(caught.exception))
+            self.assertTrue(str(caught.exception).isprintable())

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from typing import Any
 
 import twisted.test
@@ -19,6 +18,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -35,15 +35,7 @@ from tcplab.errors import (
 from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode
 from tcplab.filewire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
 from tcplab.tap import file as filetap
-
-
-def scratch(case: Any) -> str:
-    """A fresh folder removed after the test (``mktemp`` would leave folders in the
-    working directory under pytest)."""
-    path = tempfile.mkdtemp(prefix="tcplab-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
+from tests.support import scratch
 
 LAB_TEXT = b"The lab's important secret.\n" * 100
 
@@ -199,6 +191,30 @@ class FlowTests(LoopbackTestCase):
             await uploader.send(self.source(f"f{i}", b"%d" % i), f"f{i}")
         self.assertEqual(uploader.connections, 3)
         self.assertEqual(self.visible(), [f"received_f{i}" for i in range(5)])
+
+    async def test_resumeAtOneRequestPerConnection(self) -> None:
+        """--max-files-per-connection 1: STAT and PUT cannot share a connection. The PUT is retried
+        alone on a new one, from what the STAT found, for each of several files."""
+        self.startServer("--max-files-per-connection", "1", directory=self.dir)
+        files = {f"f{i}": os.urandom(300_000) for i in range(3)}
+        for name, data in files.items():
+
+            class HalfSender(Protocol):
+                def connectionMade(self, data: bytes = data, name: str = name) -> None:
+                    self.transport.write(formatPut(len(data), name, trailer=True) + data[:100_000])
+                    self.transport.loseConnection()
+
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(HalfSender))
+            await self.idle()
+        stats = []
+        uploader = self.uploader(resume=True)
+        for name, data in files.items():
+            sent = await uploader.send(self.source(name, data), name, stats.append)
+            self.assertEqual((sent.resumedAt, sent.sha256), (100_000, sha(data)))
+            self.assertEqual(self.stored(f"received_{name}"), data)
+        self.assertEqual(sum(stats), sum(len(d) for d in files.values()), "progress counts each byte once")
+        self.assertEqual(self.visible(), [f"received_{name}" for name in files])
+        self.assertEqual(sorted(os.listdir(self.dir)), self.visible(), "no partial file left")
 
     async def test_partialGoneBeforePut(self) -> None:
         """The partial vanishes between STAT and PUT (bad-offset): the file is sent again from 0."""
@@ -458,14 +474,29 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(code, 0)
 
     async def test_tokenFileProblems(self) -> None:
+        """A token file that cannot be used is a bad option value (exit 2, as an unreadable --ca is),
+        with the same words the server uses."""
         self.source("a", b"x")
         _, err, code = await self.run_("--port", str(self.port), "--token-file", "missing-token", "a")
-        self.assertEqual(code, 6)
-        self.assertIn("missing-token", err)
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read --token-file 'missing-token': No such file or directory", err)
         self.source("bad-token", b"two words\n")
         _, err, code = await self.run_("--port", str(self.port), "--token-file", "bad-token", "a")
         self.assertEqual(code, 2)
         self.assertIn("spaces", err)
+
+    async def test_folderClashIsNotAlreadyExists(self) -> None:
+        """Exit 8 means the name is taken (--no-rename); a file where a folder of the path should be
+        is another matter, which no new name would fix: refused, exit 7, with or without --no-rename."""
+        with open(os.path.join(self.dir, "received_photos"), "wb") as f:
+            f.write(b"not a folder")
+        self.source("photos/a.jpg", b"jpeg")
+        for options in ([], ["--no-rename"]):
+            with self.subTest(options=options):
+                _, err, code = await self.run_("--port", str(self.port), "-r", *options, "photos")
+                self.assertEqual(code, 7, err)
+                self.assertIn("received_photos is a file or symlink on the server, not a folder", err)
+                self.assertIn("(bad-name)", err)
 
     async def test_alreadyExists(self) -> None:
         self.source("a.txt", b"x")
@@ -674,3 +705,48 @@ class CollectTests(SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(b"x")
         self.assertEqual(collectFiles([path], False)[0].name, "звіт (1) [final].txt")
+
+
+class ServerOptionsTests(SynchronousTestCase):
+    """``twistd tcplab-file`` refuses settings that would break its promises, in one line."""
+
+    def setUp(self) -> None:
+        self.dir = scratch(self)
+
+    def parse(self, *argv: str) -> filetap.Options:
+        options = filetap.Options()
+        options.parseOptions(["--dir", self.dir, *argv])
+        return options
+
+    def refused(self, *argv: str) -> str:
+        error = self.assertRaises(usage.UsageError, self.parse, *argv)
+        self.assertNotIn("\n", str(error))
+        return str(error)
+
+    def test_prefixStaysInsideTheFolder(self) -> None:
+        """``--prefix ../escaped_`` would store ../escaped_a.txt, outside --dir."""
+        for prefix in ("../escaped_", "sub/", "/tmp/x", "a\\b", "nul\x00", "esc\x1b[2J", ".", "..",
+                       ".tcplab-x", "x" * 250):
+            with self.subTest(prefix=prefix):
+                self.assertIn("--prefix", self.refused("--prefix", prefix))
+        self.assertIn("'/'", self.refused("--prefix", "../escaped_"))
+        for prefix in ("", "received_", "in ", "..x_", "звіт-"):
+            with self.subTest(prefix=prefix):
+                self.assertEqual(self.parse("--prefix", prefix)["prefix"], prefix)
+
+    def test_tokenLikeTheClient(self) -> None:
+        """The server reads the token file as ``tcplab send`` does, and says so in the same words."""
+        from tcplab.cli import send
+
+        path = os.path.join(self.dir, "token")
+        with open(path, "w") as f:
+            f.write("s3cret\n")
+        self.assertEqual(self.parse("--token-file", path)["token"], "s3cret")
+        client = send.Options()
+        client.parseOptions(["--token-file", path, "a"])
+        self.assertEqual(client["token"], "s3cret")
+        missing = os.path.join(self.dir, "missing")
+        message = self.refused("--token-file", missing)
+        self.assertIn(f"cannot read --token-file '{missing}'", message)
+        clientError = self.assertRaises(usage.UsageError, send.Options().parseOptions, ["--token-file", missing, "a"])
+        self.assertEqual(str(clientError), message)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 
 from twisted.internet import reactor
@@ -20,17 +18,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tcplab.errors import ExitCode
-from tests.support import ServerProcess, childEnv, runTcplab
+from tests.support import ServerProcess, childEnv, runTcplab, scratch
 from tests.tlsutil import makeCertificates
 
 UNTRUSTED = b"TLS handshake failed (certificate verify failed)"
-
-
-def _folder(case: unittest.TestCase) -> str:
-    """A fresh folder removed after the test (``mktemp`` would leave folders behind under pytest)."""
-    path = tempfile.mkdtemp(prefix="tcplab-tls-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 def sslListen(certs: dict[str, str]) -> str:
@@ -46,7 +37,7 @@ async def tcplab(*argv: str, cwd: str | None = None) -> tuple[int, bytes, bytes]
 
 class EchoOverTLSTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.certs = makeCertificates(_folder(self))
+        self.certs = makeCertificates(scratch(self))
         self.server = ServerProcess("tcplab-echo", "--listen", sslListen(self.certs))
         self.addCleanup(self.server.stop)
 
@@ -118,7 +109,7 @@ class MultiOverTLSTests(unittest.TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.certs = makeCertificates(_folder(self))
+        self.certs = makeCertificates(scratch(self))
         self.server = ServerProcess("tcplab-multi", "--listen", sslListen(self.certs), "--stats-interval", "0")
         self.addCleanup(self.server.stop)
 
@@ -168,9 +159,9 @@ class FileOverTLSTests(unittest.TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.certs = makeCertificates(_folder(self))
-        self.dir = _folder(self)
-        self.src = _folder(self)
+        self.certs = makeCertificates(scratch(self))
+        self.dir = scratch(self)
+        self.src = scratch(self)
         self.data = os.urandom(300_000)
         with open(os.path.join(self.src, "secret.bin"), "wb") as f:
             f.write(self.data)

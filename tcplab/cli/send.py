@@ -21,9 +21,7 @@ from tcplab.errors import (
     VerificationFailed,
 )
 from tcplab.fileclient import CHUNK_SIZE, FileSender, ServerBusy, Uploader
-from tcplab.filewire import Clash, checkToken, escapeName
-
-TOKEN_ENV = "TCPLAB_TOKEN"
+from tcplab.filewire import TOKEN_ENV, Clash, TokenError, escapeName, loadToken
 
 
 class Options(ClientOptions):
@@ -53,25 +51,10 @@ class Options(ClientOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
-        self["token"] = None
-        if self["token-file"]:
-            path = self["token-file"]
-            try:
-                with open(path, "rb") as f:
-                    text = f.read(1 << 16).decode("utf-8")
-            except OSError as e:
-                raise LocalFileError(f"cannot read --token-file {escapeName(path)}: {e.strerror}") from None
-            except UnicodeDecodeError:
-                raise usage.UsageError(f"--token-file {escapeName(path)} is not UTF-8 text") from None
-            source = f"--token-file {escapeName(path)}"
-        elif os.environ.get(TOKEN_ENV):
-            text, source = os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
-        else:
-            return
         try:
-            self["token"] = checkToken(text)
-        except ValueError as e:
-            raise usage.UsageError(f"{source}: {e}") from None
+            self["token"] = loadToken(self["token-file"])
+        except TokenError as e:
+            raise usage.UsageError(str(e)) from None  # a bad option value, like an unreadable --ca
 
 
 @dataclass(frozen=True)

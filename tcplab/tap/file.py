@@ -13,12 +13,20 @@ from twisted.python import usage
 
 from tcplab.fileserver import FileReceiverFactory
 from tcplab.filestore import FileStore
-from tcplab.filewire import MAX_NAME_BYTES, RESERVED_PREFIX, WireError, checkPart, checkToken, escapeName
+from tcplab.filewire import (
+    MAX_NAME_BYTES,
+    RESERVED_PREFIX,
+    TOKEN_ENV,
+    TokenError,
+    WireError,
+    checkPart,
+    escapeName,
+    loadToken,
+)
 from tcplab.tap.options import ListeningService, ServerOptions, floatOption, intOption
 
 log = Logger(namespace="tcplab.file")
 
-TOKEN_ENV = "TCPLAB_TOKEN"
 _SIZE = re.compile(r"([0-9]+)\s*([kmgtKMGT]?)(?:i?[bB])?\Z")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -31,17 +39,19 @@ def sizeOption(name: str, value: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
-def readTokenFile(path: str) -> str:
-    """The token in ``path``, or a one-line UsageError saying what is wrong with it."""
+def checkPrefix(prefix: str) -> None:
+    """A one-line UsageError unless ``prefix`` keeps every stored name a plain name inside --dir:
+    no ``/`` or ``\\``, no NUL or other control characters, not ``.`` or ``..``, not ``.tcplab-...``."""
+    if not prefix:
+        return
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 16)
-    except OSError as e:
-        raise usage.UsageError(f"cannot read --token-file {path!r}: {e.strerror}") from None
-    try:
-        return checkToken(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise usage.UsageError(f"--token-file {path!r}: {e}") from None
+        checkPart(prefix)
+    except WireError as e:
+        raise usage.UsageError(f"--prefix: {e.message}") from None
+    if prefix.startswith(RESERVED_PREFIX):
+        raise usage.UsageError(f"--prefix may not start with {RESERVED_PREFIX!r} (the server's own hidden files)")
+    if len(prefix.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES - 16:
+        raise usage.UsageError(f"--prefix {escapeName(prefix[:20])!r}... is too long: leave room for the names")
 
 
 class Options(ServerOptions):
@@ -57,7 +67,7 @@ class Options(ServerOptions):
     optFlags = [["overwrite", None, "Replace an existing file of the same name (default: store as 'name (1).ext')."]]
     optParameters = [
         ["dir", "d", ".", "Folder to store files in."],
-        ["prefix", None, "received_", "Put in front of every stored name (may be empty)."],
+        ["prefix", None, "received_", "Put in front of every stored name (may be empty; no '/' or '\\')."],
         ["max-size", None, None, "Largest file accepted, e.g. 500M or 2G (default: what the disk has free)."],
         ["token-file", None, None, f"Require the token in this file from every client (or set ${TOKEN_ENV})."],
         ["header-timeout", None, "30", "Seconds a client has to send a complete request line."],
@@ -75,14 +85,7 @@ class Options(ServerOptions):
             raise usage.UsageError(f"--dir {directory!r} is not a folder")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise usage.UsageError(f"--dir {directory!r} is not writable by this user")
-        prefix = self["prefix"]
-        try:
-            if prefix:
-                checkPart(prefix)
-        except WireError as e:
-            raise usage.UsageError(f"--prefix {escapeName(prefix)!r}: {e.message}") from None
-        if prefix.startswith(RESERVED_PREFIX) or len(prefix.encode()) > MAX_NAME_BYTES - 16:
-            raise usage.UsageError(f"--prefix may not start with {RESERVED_PREFIX!r} or be that long")
+        checkPrefix(self["prefix"])
         if self["max-size"] is not None:
             self["max-size"] = sizeOption("--max-size", self["max-size"])
         self["header-timeout"] = floatOption("--header-timeout", self["header-timeout"], 0.1, 86400)
@@ -92,15 +95,10 @@ class Options(ServerOptions):
         self["partial-ttl"] = floatOption("--partial-ttl", self["partial-ttl"], 1, 86400 * 365)
         self["max-connections"] = intOption("--max-connections", self["max-connections"], 0, 1 << 24)
         self["max-per-peer"] = intOption("--max-per-peer", self["max-per-peer"], 0, 1 << 24)
-        if self["token-file"]:
-            self["token"] = readTokenFile(self["token-file"])
-        elif os.environ.get(TOKEN_ENV):
-            try:
-                self["token"] = checkToken(os.environ[TOKEN_ENV])
-            except ValueError as e:
-                raise usage.UsageError(f"${TOKEN_ENV}: {e}") from None
-        else:
-            self["token"] = None
+        try:
+            self["token"] = loadToken(self["token-file"])
+        except TokenError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 class FileService(service.MultiService):
