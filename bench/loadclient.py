@@ -48,20 +48,20 @@ class BuildFailed(Exception):
     """The C client could not be compiled; the message has the compiler's first lines."""
 
 
-def buildC(compiler: str | None = None) -> Path:
-    """Compile loadclient.c with ``cc -O2`` unless this exact source is already built."""
+def buildC(compiler: str | None = None, sourcePath: Path = SOURCE) -> Path:
+    """Compile a bench C client (loadclient.c unless told) with ``cc -O2`` unless this exact source is built."""
     compiler = compiler or findCompiler()
     if compiler is None:
         raise BuildFailed("no C compiler found (tried $CC, cc, gcc, clang)")
-    source = SOURCE.read_bytes()
+    source = sourcePath.read_bytes()
     digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
     directory = cacheDir()
-    binary = directory / f"loadclient-{digest}"
+    binary = directory / f"{sourcePath.stem}-{digest}"
     if os.access(binary, os.X_OK):
         return binary
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f".loadclient-{digest}.{os.getpid()}"
-    command = [compiler, "-O2", "-std=gnu11", "-Wall", "-o", str(partial), str(SOURCE)]
+    partial = directory / f".{sourcePath.stem}-{digest}.{os.getpid()}"
+    command = [compiler, "-O2", "-std=gnu11", "-Wall", "-o", str(partial), str(sourcePath)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:

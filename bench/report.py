@@ -32,6 +32,8 @@ class Section:
     columns: Sequence[Column]
     rows: Sequence[dict]
     notes: Sequence[str] = field(default_factory=tuple)
+    #: A chart to show under the title: a path relative to the markdown file.
+    image: str = ""
 
 
 def number(digits: int = 0, suffix: str = "") -> Callable[[object], str]:
@@ -91,13 +93,28 @@ def commandLine(argv: Sequence[str]) -> str:
     return "python -m bench " + shlex.join(argv)
 
 
-def render(title: str, argv: Sequence[str], machine: dict[str, str], sections: Sequence[Section]) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).astimezone()
+def render(
+    title: str,
+    argv: Sequence[str],
+    machine: dict[str, str],
+    sections: Sequence[Section],
+    extra: Sequence[str] = (),
+    started: datetime.datetime | None = None,
+) -> str:
+    """The report: a title, the date, the command, the machine (and ``extra`` lines), then each section's
+    chart, table and notes."""
+    now = started or datetime.datetime.now(datetime.timezone.utc).astimezone()
     lines = [f"## {title}", "", f"- Date: {now:%Y-%m-%d %H:%M %Z}", f"- Command: `{commandLine(argv)}`"]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
+    lines += [f"- {line}" for line in extra]
     for section in sections:
-        lines += ["", f"### {section.title}", "", markdownTable(section.columns, section.rows)]
+        lines += ["", f"### {section.title}", ""]
+        if section.image:
+            lines += [f"![{section.title}]({section.image})", ""]
+        if section.rows:
+            lines.append(markdownTable(section.columns, section.rows))
         if section.notes:
-            lines.append("")
+            if section.rows:
+                lines.append("")
             lines += [f"- {note}" for note in section.notes]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -65,6 +66,24 @@ def peerScript(filename: str, *extra: str) -> Callable[[int], list[str]]:
     return lambda port: [sys.executable, str(PEERS / filename), str(port), *extra]
 
 
+def raiseOpenFilesLimit() -> int:
+    """Raise this process's soft open-files limit to its hard limit (storms and 10,000 idle clients need
+    it); servers started here inherit it. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def _serverPreexec() -> None:
+    """In the forked child, before exec: the open-files limit up to the hard limit, whatever the bench's."""
+    raiseOpenFilesLimit()
+
+
 def freePort() -> int:
     """A loopback port nobody listens on right now (the server may still lose a race for it: start retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -111,6 +130,7 @@ class RunningServer:
                 cwd=REPO,
                 env={**os.environ, **self.spec.env},
                 start_new_session=True,
+                preexec_fn=_serverPreexec,
             )
 
     def waitAccepting(self, deadline: float) -> bool:
@@ -139,6 +159,10 @@ class RunningServer:
 
     def cpuSeconds(self) -> float:
         return readCpuSeconds(self.pid)
+
+    def openFiles(self) -> int:
+        """How many file descriptors the server holds (each accepted client is one)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def logTail(self, lines: int = 5) -> str:
         try:
@@ -196,6 +220,36 @@ def running(
     finally:
         for server in servers:
             server.stop(stopTimeout)
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on HOST:port, read from /proc/net/tcp without connecting (a one-shot
+    listener such as ``socat TCP-LISTEN`` would take a probe connection as its only client)."""
+    wanted = f"{socket.htonl(int.from_bytes(socket.inet_aton(HOST), 'big')):08X}:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[1] == wanted and fields[3] == "0A":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def listenOverflows() -> int | None:
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt ListenOverflows in
+    /proc/net/netstat; for the whole network namespace, so other programs' overflows count too)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        fields = dict(zip(names.split(), values.split(), strict=False))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return None
 
 
 def readMemory(pid: int) -> Memory:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+from pathlib import Path
 
 from twisted.trial import unittest
 
-from bench import BenchError, echo, echomemory, report
-from bench.loadclient import LoadClient, percentile
+from bench import BenchError, charts, chat, echo, echomemory, fullreport, report, servers
+from bench.loadclient import BuildFailed, LoadClient, findCompiler, percentile
+from bench.report import TIMES
 
 
 def options(workload: object, *argv: str) -> argparse.Namespace:
@@ -90,3 +94,118 @@ class ReportTests(unittest.TestCase):
         self.assertEqual(percentile(ordered, 99), 99)
         self.assertEqual(percentile(ordered, 100), 100)
         self.assertEqual(percentile([], 99), 0)
+
+
+LOSSY_SERVER = r"""
+import asyncio, sys
+
+async def main(port):
+    clients = []
+
+    async def handle(reader, writer):
+        clients.append(writer)
+        number = 0
+        try:
+            while line := await reader.readline():
+                number += 1
+                if number % 100 == 50:
+                    continue  # drops one line in a hundred
+                for other in clients:
+                    if other is not writer:
+                        other.write(line)
+        finally:
+            clients.remove(writer)
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+class ChatClientTests(unittest.TestCase):
+    """The C chat client's checks mean something: a server that drops lines is caught."""
+
+    def setUp(self) -> None:
+        try:
+            self.client = chat.ChatClient.build()
+        except BuildFailed as e:
+            raise unittest.SkipTest(f"no C compiler for the chat client: {e}") from None
+
+    def test_fanoutCatchesALossyServer(self) -> None:
+        """Against a relay that drops every hundredth line, listeners report the gaps and "in order" is false."""
+        lossy = chat.ChatServer(
+            servers.ServerSpec("lossy", "lossy relay", lambda port: [sys.executable, "-c", LOSSY_SERVER, str(port)]),
+            echoes=False,
+        )
+        with tempfile.TemporaryDirectory() as workdir, servers.running([lossy.spec], Path(workdir)) as (running,):
+            result = self.client.fanout(lossy, running.port, 2, 1000, 64, 100, stall=1.0, deadline=20.0)
+        self.assertFalse(result["in_order"])
+        self.assertGreater(result["gaps"], 0)
+        self.assertLess(result["delivered"], result["expected"])
+
+    def test_missingProgramIsSkippedNotFaked(self) -> None:
+        """A peer whose program is not installed is left out, with a note naming the program."""
+        absent = chat.ChatServer(
+            servers.ServerSpec("absent", "absent peer", lambda port: ["tcplab-no-such-program", str(port)]),
+            echoes=False,
+            program="tcplab-no-such-program",
+        )
+        chosen, notes = chat.chooseServers(["absent"], {"absent": absent}, lambda line: None)
+        self.assertEqual(chosen, [])
+        self.assertEqual(len(notes), 1)
+        self.assertIn("`tcplab-no-such-program` is not installed", notes[0])
+
+
+class FullReportTests(unittest.TestCase):
+    def test_spliceKeepsTheHandWrittenText(self) -> None:
+        """Only the part between the markers is replaced; without markers the results are appended."""
+        start, end = fullreport.RESULTS_START, fullreport.RESULTS_END
+        text = f"# Bench\n\nintro\n\n{start}\nold figures\n{end}\n\n## Reading\nprose\n"
+        spliced = fullreport.splice(text, "## Results\nnew figures\n")
+        self.assertIn("intro", spliced)
+        self.assertIn("## Reading\nprose", spliced)
+        self.assertIn("new figures", spliced)
+        self.assertNotIn("old figures", spliced)
+        self.assertEqual(fullreport.splice(spliced, "## Results\nnewer\n").count(fullreport.RESULTS_START), 1)
+        appended = fullreport.splice("# Bench\n", "## Results\nfigures\n")
+        self.assertTrue(appended.startswith("# Bench\n"))
+        self.assertIn(f"{fullreport.RESULTS_START}\n\n## Results\nfigures\n\n{fullreport.RESULTS_END}", appended)
+
+    def test_reportAtATinySize(self) -> None:
+        """``python -m bench --report --tiny`` runs the multi and file workloads in seconds and writes their
+        tables, notes and (with matplotlib) charts into the results part of the page, keeping the rest."""
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        page = folder / "benchmarks.md"
+        start, end = fullreport.RESULTS_START, fullreport.RESULTS_END
+        page.write_text(f"# Benchmarks\n\nhand-written\n\n{start}\n{end}\n\nend\n")
+        lines: list[str] = []
+        status = fullreport.main(
+            ["--tiny", "--only", "storm,fanout,multi-memory,file", "--output", str(page)], lines.append
+        )
+        self.assertEqual(status, 0)
+        text = page.read_text()
+        self.assertTrue(text.startswith("# Benchmarks\n\nhand-written\n"))
+        self.assertTrue(text.endswith("\nend\n"))
+        self.assertIn("- Command: `python -m bench --report --tiny --only storm,fanout,multi-memory,file", text)
+        for title in ("### Storm: short connections", "### Fan-out: one sender, many listeners",
+                      "### Multi memory: 100 idle clients", "### Multi memory: one stuck reader while 2 MiB flows",
+                      "### File: verified upload throughput"):
+            self.assertIn(title, text)
+        self.assertNotIn(": not measured", text)
+        if chat.SOURCE.exists() and findCompiler():
+            self.assertIn("| tcplab-multi |", text)
+            self.assertIn("| plain Twisted chat (docs) |", text)
+            self.assertRegex(text, rf"Target \(issue 4\): tcplab-multi ≥ 2{TIMES} the plain Twisted chat.*nothing lost")
+        self.assertIn("| tcplab send → tcplab-file | 4 |", text)
+        self.assertRegex(text, rf"\| 2{TIMES} tcplab send at once \| 2 \|.*\| yes \|")
+        noCharts = charts.available()
+        if noCharts:
+            self.assertIn(noCharts, text)
+        else:
+            for name in ("storm", "fanout", "multi-memory", "file"):
+                self.assertTrue((folder / "img" / f"bench-{name}.png").exists(), name)
+                self.assertIn(f"(img/bench-{name}.png)", text)

@@ -1,0 +1,223 @@
+"""Storm workload: many short connections to a broadcast server, some at once.
+
+N connections, at most C at a time, from the C chat client (bench/chatclient.c): each connects,
+sends one line and waits until that line has come back, then closes. tcplab-multi echoes a line
+to its sender, so a connection waits for its own echo (skipping ``* `` server lines and others'
+lines). The Twisted docs' chat and ncat --broker relay a line only to the *other* clients, so a
+witness connection, open for the whole run on every server, reads every line, and a connection of
+those servers is done when the witness has its line. Either way a connection's time is connect +
+send + the server processing the line and writing it out to a client. Every line's arrival at the
+witness is checked, for every server.
+
+On a broadcast server a storm is also a fan-out: each line goes to every client connected at that
+moment, and how many that is depends on the server (a client joins tcplab-multi when it connects;
+it joins the docs' chat when its first line, its name, is read). The client counts the other
+connections' lines each connection received before it closed ("relayed per connection"), so the
+table shows how much broadcasting each server did besides accepting connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench import BenchError, chat, servers
+from bench.echo import positive
+from bench.report import TIMES, Column, Section, number, ratio
+
+NAME = "storm"
+HELP = "connection storm: N short connections, C at a time, each sending a line and waiting for it (conns/s)"
+TABLE = chat.chatServers()
+DEFAULT_SERVERS = ("tcplab", "tcplab-quiet", "twisted", "twisted-example", "ncat")
+
+#: Targets from issue 4: at least the plain Twisted chat's conns/s, and no errors at 10,000 connections.
+TARGET_RATIO = 1.0
+
+
+def addArguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connections", type=positive(int), default=10000, help="connections in all (default 10000)")
+    parser.add_argument("--concurrency", type=positive(int), default=100, help="connections at a time (default 100)")
+    parser.add_argument("--rounds", type=positive(int), default=3, help="rounds of fresh servers (default 3)")
+    parser.add_argument(
+        "--timeout", type=positive(float), default=10.0, help="seconds a connection may take (default 10)"
+    )
+    parser.add_argument(
+        "--servers",
+        type=chat.serverListType(TABLE),
+        default=list(DEFAULT_SERVERS),
+        help=f"comma list of {', '.join(TABLE)} (default {','.join(DEFAULT_SERVERS)})",
+    )
+
+
+def measure(client: chat.ChatClient, server: chat.ChatServer, running: servers.RunningServer,
+            options: argparse.Namespace) -> dict:
+    running.check()
+    deadline = max(30.0, options.connections / 100)
+    overflowsBefore = servers.listenOverflows()
+    result = client.storm(server, running.port, options.connections, options.concurrency, options.timeout,
+                          deadline, running)
+    overflowsAfter = servers.listenOverflows()
+    if overflowsBefore is not None and overflowsAfter is not None:
+        result["overflows"] = overflowsAfter - overflowsBefore
+    if result.get("error") and "completed" not in result:
+        raise BenchError(f"{server.label}: {result['error']}{running.logTail()}")
+    result["alive"] = running.alive()
+    result["peak_rss_mib"] = running.memory().hwm / servers.MiB if result["alive"] else None
+    return result
+
+
+def run(options: argparse.Namespace, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
+    servers.raiseOpenFilesLimit()
+    client, why = chat.clientOrNote(progress)
+    if client is None:
+        return [{"skipped": why}]
+    chosen, skipped = chat.chooseServers(options.servers, TABLE, progress)
+    results: dict[str, list[dict]] = {s.name: [] for s in chosen}
+    with tempfile.TemporaryDirectory(prefix="tcplab-bench-") as workdir:
+        for round_ in range(options.rounds):
+            with servers.running([s.spec for s in chosen], Path(workdir)) as started:
+                shift = round_ % len(started)
+                order = list(zip(chosen, started, strict=True))
+                for server, running in order[shift:] + order[:shift]:
+                    result = measure(client, server, running, options)
+                    results[server.name].append(result)
+                    progress(
+                        f"round {round_ + 1}/{options.rounds} {server.label:<30} "
+                        f"{result['conns_per_s']:>8,.0f} conns/s  errors {result['errors']}"
+                        f"  p99 {result['p99_ms']:,.1f} ms  relayed/conn {result['relayed_per_conn']:.1f}"
+                        f"  server CPU {result.get('server_cpu') or 0:.0%}"
+                        f"  listen-queue overflows {result.get('overflows', '?')}"
+                        + (f"  ({result['first_error']})" if result.get("first_error") else "")
+                        + (f"  [{result['error']}]" if result.get("error") else "")
+                    )
+    rows = summarize(chosen, results)
+    for note in skipped:
+        rows.append({"skipped": note})
+    return rows
+
+
+def summarize(chosen: Sequence[chat.ChatServer], results: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for server in chosen:
+        runs = results[server.name]
+        cpu = [r["server_cpu"] * r["seconds"] * 1e6 / r["completed"] for r in runs if r.get("completed")
+               and r.get("server_cpu") is not None]
+        rows.append({
+            "name": server.name,
+            "server": server.label,
+            "baseline": server.spec.baseline,
+            "about": server.about,
+            "conns_per_s": statistics.median(r["conns_per_s"] for r in runs),
+            "rounds": [r["conns_per_s"] for r in runs],
+            "errors": sum(r["errors"] for r in runs),
+            "lost": sum(max(0, r["completed"] - r["witnessed"]) for r in runs),
+            "connections": sum(r["connections"] for r in runs),
+            "completed": sum(r["completed"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "max_ms": max(r["max_ms"] for r in runs),
+            "relayed": statistics.median(r["relayed_per_conn"] for r in runs),
+            "overflows": [r.get("overflows") for r in runs],
+            "server_cpu": statistics.median(r.get("server_cpu") or 0 for r in runs),
+            "cpu_us": statistics.median(cpu) if cpu else None,
+            "client_cpu": max(r["client_cpu"] for r in runs),
+            "peak_rss_mib": max((r["peak_rss_mib"] or 0) for r in runs),
+            "first_error": next((r["first_error"] for r in runs if r.get("first_error")), None),
+            "fatal": next((r["error"] for r in runs if r.get("error")), None),
+            "died": not all(r["alive"] for r in runs),
+        })
+    base = next((row for row in rows if row["baseline"]), None)
+    for row in rows:
+        row["errors_text"] = errorsCell(row)
+        row["ratio"] = row["conns_per_s"] / base["conns_per_s"] if base and base["conns_per_s"] else None
+    return rows
+
+
+def rounds(values: object) -> str:
+    return " / ".join(f"{v / 1000:.1f}k" for v in values)  # type: ignore[attr-defined]
+
+
+def errorsCell(row: dict) -> str:
+    text = f"{row['errors']:,}"
+    if row.get("lost"):
+        text += f" ({row['lost']:,} lines lost)"
+    return text
+
+
+COLUMNS = (
+    Column("server", "server", align="left"),
+    Column("conns_per_s", "conns/s (median)", number()),
+    Column("ratio", "vs plain Twisted", ratio),
+    Column("rounds", "conns/s per round", rounds),
+    Column("errors_text", "errors (all rounds)"),
+    Column("p50_ms", "p50 ms", number(1)),
+    Column("p99_ms", "p99 ms", number(1)),
+    Column("max_ms", "max ms", number(0)),
+    Column("relayed", "others' lines per conn", number(1)),
+    Column("overflows", "listen-queue overflows per round", lambda v: " / ".join(
+        "?" if x is None else f"{x:,}" for x in v)),  # type: ignore[attr-defined]
+    Column("server_cpu", "server CPU", lambda v: "—" if v is None else f"{v:.0%}"),
+    Column("cpu_us", "server CPU µs/conn", number(0)),
+)
+
+
+def section(rows: Sequence[dict], options: argparse.Namespace) -> Section:
+    measured = [row for row in rows if "skipped" not in row]
+    notes = [
+        f"{options.connections:,} connections per server per round, {options.concurrency} at a time; "
+        f"{options.rounds} round{'s' if options.rounds > 1 else ''} of freshly started servers in rotating order; "
+        "figures are medians over rounds "
+        "(errors: the sum), ratios are ratios of medians. conns/s is connections completed over the time from the "
+        "first connect to the last completion.",
+        "A connection's time is from connect() to its line coming back: its own echo from the servers that echo "
+        "to the sender (tcplab-multi, the chatserver.py example), at the witness connection for the others. "
+        "Errors: refused or failed connects, "
+        "connections closed or reset by the server, and lines not back within "
+        f"{options.timeout:g} s; \"lines lost\" are completed connections whose line never reached the witness.",
+        "Others' lines per conn: lines of other storm connections that a connection received before it closed, "
+        "i.e. how much broadcasting the server did per connection. tcplab-multi, the chatserver.py example and ncat "
+        "take a client into the room when they accept it, the howto chat when it has read the client's name (the "
+        "first line, which arrives with the message), so fewer clients are members at any moment there. A server "
+        "that accepts every connection at once (tcplab-multi's backlog is 1,024) has all 100 clients in the room, "
+        "and one whose accept queue overflows has fewer (the rest wait to retry); a slower server keeps clients "
+        "connected longer, which makes each broadcast bigger again.",
+        "Server CPU µs/conn: the server's user+system CPU time over the run divided by the connections.",
+    ]
+    if {"tcplab", "tcplab-quiet"} <= {row["name"] for row in measured}:
+        notes.append(
+            "tcplab-multi runs twice: with its defaults (join and leave notices while at most 100 clients are "
+            "connected, which in a storm of 100 at a time means a notice broadcast for most joins and leaves) and "
+            "with `--notice-limit 0` (no notices, like the peers). The like-for-like comparison with the peers is "
+            "the second; the first is what users get out of the box."
+        )
+    notes += [
+        "Listen-queue overflows: how many times the kernel dropped a connection's handshake because the server's "
+        "accept queue was full (TcpExt ListenOverflows in /proc/net/netstat over the run; system-wide, so another "
+        "program's would count too). The client then retries after 1 s or more (SYN retry, or with SYN cookies "
+        "its data is retransmitted with growing back-off), which shows as max times of 1-8 s, low conns/s and, "
+        f"past {options.timeout:g} s, errors. tcplab-multi listens with a backlog of 1,024 (capped by somaxconn), "
+        "the docs' chat with Twisted's default of 50, ncat with 10. ncat runs with `--max-conns 1000` (its "
+        "default of 100 would refuse the witness plus 100 storm connections).",
+    ]
+    for row in rows:
+        if "skipped" in row:
+            notes.append(row["skipped"])
+    for row in measured:
+        if row.get("fatal"):
+            notes.append(f"{row['server']}: {row['fatal']}")
+        if row.get("first_error"):
+            notes.append(f"{row['server']}: first error: {row['first_error']}")
+        if row.get("died"):
+            notes.append(f"{row['server']} exited during the run.")
+    for row in measured:
+        if row["name"].startswith("tcplab") and row["ratio"] is not None:
+            met = row["ratio"] >= TARGET_RATIO and row["errors"] == 0 and not row["lost"]
+            notes.append(
+                f"Target (issue 4), {row['server']}: ≥ {TARGET_RATIO:.1f}{TIMES} plain Twisted conns/s and zero "
+                f"errors at {options.connections:,} connections: {row['ratio']:.2f}{TIMES}, "
+                f"{row['errors']} errors, {'met' if met else 'NOT met'}."
+            )
+    return Section("Storm: short connections", COLUMNS, measured, notes)
