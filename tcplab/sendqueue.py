@@ -46,12 +46,14 @@ class SendQueue:
         self.offered = 0
         #: Bytes handed to the transport so far.
         self.written = 0
-        self._queue: deque[tuple[bytes, bool]] = deque()
+        #: Made on first use: most clients never fall behind, and 10,000 idle ones would
+        #: otherwise hold 10,000 empty deques (the largest thing each client had).
+        self._queue: deque[tuple[bytes, bool]] | None = None
 
     def put(self, data: bytes) -> None:
         """Send ``data`` or queue it, whatever the limit."""
         if self.paused:
-            self._queue.append((data, False))
+            self._pending().append((data, False))
             self.queued += len(data)
         else:
             self.written += len(data)
@@ -67,21 +69,28 @@ class SendQueue:
         size = len(data)
         if self.offered + size > self.limit:
             return False
-        self._queue.append((data, True))
+        self._pending().append((data, True))
         self.queued += size
         self.offered += size
         return True
 
     def clear(self) -> None:
         """Forget everything queued (the peer is being dropped)."""
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()  # a resumeProducing under way stops with it
+            self._queue = None
         self.queued = self.offered = 0
 
     def takeAll(self) -> list[bytes]:
         """Everything queued, oldest first, and the queue emptied (to hand it to a closing transport)."""
-        chunks = [data for data, _ in self._queue]
+        chunks = [data for data, _ in self._queue or ()]
         self.clear()
         return chunks
+
+    def _pending(self) -> deque[tuple[bytes, bool]]:
+        if self._queue is None:
+            self._queue = deque()
+        return self._queue
 
     def pauseProducing(self) -> None:
         if not self.paused:

@@ -546,8 +546,8 @@ class SendQueueTests(unittest.TestCase):
                     self.assertEqual(queue.queued, before)
             else:
                 transport.drain()
-            self.assertEqual(queue.queued, sum(len(c) for c, _ in queue._queue))
-            self.assertEqual(queue.offered, sum(len(c) for c, offered in queue._queue if offered))
+            self.assertEqual(queue.queued, sum(len(c) for c, _ in queue._queue or ()))
+            self.assertEqual(queue.offered, sum(len(c) for c, offered in queue._queue or () if offered))
             self.assertLessEqual(queue.offered, 5000)
         for _ in range(len(ops) + 1):
             transport.drain()
