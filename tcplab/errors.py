@@ -88,8 +88,6 @@ def connectFailure(failure: Failure, where: str) -> TcplabError:
         return ConnectFailed(f"no route to {where}: check the address and network")
     if failure.check(ierror.SSLError):
         return ConnectFailed(f"TLS handshake with {where} failed: {_reason(failure)}")
-    if failure.check(ierror.ConnectError, OSError):
-        return ConnectFailed(f"cannot connect to {where}: {_reason(failure)}")
     return ConnectFailed(f"cannot connect to {where}: {_reason(failure)}")
 
 

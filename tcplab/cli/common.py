@@ -54,7 +54,7 @@ class ClientOptions(usage.Options):
         if self["ca"]:
             try:
                 with open(self["ca"], "rb") as f:
-                    Certificate.loadPEM(f.read())
+                    self.trustRoot = Certificate.loadPEM(f.read())
             except OSError as e:
                 raise usage.UsageError(f"cannot read --ca {self['ca']}: {e.strerror}") from None
             except Exception:
@@ -76,7 +76,7 @@ class ClientOptions(usage.Options):
 
     def endpoint(self, reactor: object) -> IStreamClientEndpoint:
         if self["tls"]:
-            trust = Certificate.loadPEM(open(self["ca"], "rb").read()) if self["ca"] else None
+            trust = self.trustRoot if self["ca"] else None
             tcp = HostnameEndpoint(reactor, self["host"], self["port"], timeout=self["timeout"])
             return wrapClientTLS(optionsForClientTLS(self["host"], trustRoot=trust), tcp)
         if self["connect"] and self["ca"]:
