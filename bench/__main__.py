@@ -13,11 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import BenchError, echo, echomemory, fanout, filexfer, fullreport, instructions, multimemory, report, storm
+from bench import (
+    BenchError,
+    backplane,
+    echo,
+    echomemory,
+    fanout,
+    filexfer,
+    fullreport,
+    instructions,
+    multimemory,
+    report,
+    storm,
+)
 from bench.loadclient import BuildFailed
 from bench.servers import ServerFailed
 
-WORKLOADS = (echo, echomemory, instructions, storm, fanout, multimemory, filexfer)
+WORKLOADS = (echo, echomemory, instructions, storm, fanout, multimemory, filexfer, backplane)
 
 
 def parser() -> argparse.ArgumentParser:

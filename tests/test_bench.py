@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from bench import BenchError, charts, chat, echo, echomemory, fullreport, report, servers
 from bench.loadclient import BuildFailed, LoadClient, findCompiler, percentile
 from bench.report import TIMES
+from tests.support import scratch
 
 
 def options(workload: object, *argv: str) -> argparse.Namespace:
@@ -177,8 +178,7 @@ class FullReportTests(unittest.TestCase):
     def test_reportAtATinySize(self) -> None:
         """``python -m bench --report --tiny`` runs the multi and file workloads in seconds and writes their
         tables, notes and (with matplotlib) charts into the results part of the page, keeping the rest."""
-        folder = Path(self.mktemp())
-        folder.mkdir()
+        folder = Path(scratch(self))
         page = folder / "benchmarks.md"
         start, end = fullreport.RESULTS_START, fullreport.RESULTS_END
         page.write_text(f"# Benchmarks\n\nhand-written\n\n{start}\n{end}\n\nend\n")
@@ -209,3 +209,29 @@ class FullReportTests(unittest.TestCase):
             for name in ("storm", "fanout", "multi-memory", "file"):
                 self.assertTrue((folder / "img" / f"bench-{name}.png").exists(), name)
                 self.assertIn(f"(img/bench-{name}.png)", text)
+
+
+class BackplaneBenchTests(unittest.TestCase):
+    def test_oneProcessVsTwoOnTheBackplane(self) -> None:
+        """A tiny run measures one tcplab-multi and two on one Redis backplane; every line reaches every
+        listener once, in order, on both, and the table shows B's ratio to A."""
+        import shutil
+
+        from bench import backplane
+
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest("redis-server is not installed (apt install redis-server)")
+        opts = options(backplane, "--listeners", "3", "--lines", "200", "--connections", "40", "--concurrency", "5",
+                       "--rounds", "1")
+        rows = backplane.run(opts)
+        if "skipped" in rows[0]:
+            raise unittest.SkipTest(rows[0]["skipped"])
+        self.assertEqual([row["nodes"] for row in rows], [1, 2])
+        for row in rows:
+            self.assertEqual(row["complete"], "yes")
+            self.assertEqual((row["delivered"], row["storm_errors"], row["storm_lost"]), (600, 0, 0))
+            self.assertGreater(row["conns_per_s"], 0)
+        self.assertEqual(rows[0]["fan_ratio"], 1.0)
+        text = report.render("backplane", ["backplane"], report.machineInfo(), [backplane.section(rows, opts)])
+        self.assertIn("Scale-out: one process vs two on the Redis backplane", text)
+        self.assertIn("| B: two tcplab-multi, --reuse-port, Redis backplane |", text)
