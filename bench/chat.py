@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import servers
 from bench.loadclient import BuildFailed, buildC
@@ -240,3 +242,33 @@ def clientOrNote(progress: Callable[[str], None]) -> tuple[ChatClient | None, st
         note = f"skipped: the C chat client could not be built ({e}); these workloads have no Python fallback"
         progress(note)
         return None, note
+
+
+def runRounds(
+    options: Any,
+    progress: Callable[[str], None],
+    table: dict[str, ChatServer],
+    measure: Callable[[ChatClient, ChatServer, Any, Any], dict],
+    describe: Callable[[dict], str],
+    summarize: Callable[[Sequence[ChatServer], dict[str, list[dict]]], list[dict]],
+) -> list[dict]:
+    """The rounds every chat workload runs: fresh servers each round, each measured once in
+    an order that rotates between rounds, a progress line per measurement, then the summary
+    rows and a note for every server left out."""
+    servers.raiseOpenFilesLimit()
+    client, why = clientOrNote(progress)
+    if client is None:
+        return [{"skipped": why}]
+    chosen, skipped = chooseServers(options.servers, table, progress)
+    results: dict[str, list[dict]] = {s.name: [] for s in chosen}
+    with tempfile.TemporaryDirectory(prefix="tcplab-bench-") as workdir:
+        for round_ in range(options.rounds):
+            with servers.running([s.spec for s in chosen], Path(workdir)) as started:
+                shift = round_ % len(started)
+                order = list(zip(chosen, started, strict=True))
+                for server, running in order[shift:] + order[:shift]:
+                    result = measure(client, server, running, options)
+                    results[server.name].append(result)
+                    progress(f"round {round_ + 1}/{options.rounds} {server.label:<30} {describe(result)}"
+                             + (f"  [{result['error']}]" if result.get("error") else ""))
+    return summarize(chosen, results) + [{"skipped": note} for note in skipped]

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from bench import BenchError, chat, servers
 from bench.echo import positive
@@ -70,33 +68,17 @@ def measure(client: chat.ChatClient, server: chat.ChatServer, running: servers.R
 
 
 def run(options: argparse.Namespace, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
-    servers.raiseOpenFilesLimit()
-    client, why = chat.clientOrNote(progress)
-    if client is None:
-        return [{"skipped": why}]
-    chosen, skipped = chat.chooseServers(options.servers, TABLE, progress)
-    results: dict[str, list[dict]] = {s.name: [] for s in chosen}
-    with tempfile.TemporaryDirectory(prefix="tcplab-bench-") as workdir:
-        for round_ in range(options.rounds):
-            with servers.running([s.spec for s in chosen], Path(workdir)) as started:
-                shift = round_ % len(started)
-                order = list(zip(chosen, started, strict=True))
-                for server, running in order[shift:] + order[:shift]:
-                    result = measure(client, server, running, options)
-                    results[server.name].append(result)
-                    progress(
-                        f"round {round_ + 1}/{options.rounds} {server.label:<30} "
-                        f"{result['conns_per_s']:>8,.0f} conns/s  errors {result['errors']}"
-                        f"  p99 {result['p99_ms']:,.1f} ms  relayed/conn {result['relayed_per_conn']:.1f}"
-                        f"  server CPU {result.get('server_cpu') or 0:.0%}"
-                        f"  listen-queue overflows {result.get('overflows', '?')}"
-                        + (f"  ({result['first_error']})" if result.get("first_error") else "")
-                        + (f"  [{result['error']}]" if result.get("error") else "")
-                    )
-    rows = summarize(chosen, results)
-    for note in skipped:
-        rows.append({"skipped": note})
-    return rows
+    return chat.runRounds(options, progress, TABLE, measure, _describe, summarize)
+
+
+def _describe(result: dict) -> str:
+    return (
+        f"{result['conns_per_s']:>8,.0f} conns/s  errors {result['errors']}"
+        f"  p99 {result['p99_ms']:,.1f} ms  relayed/conn {result['relayed_per_conn']:.1f}"
+        f"  server CPU {result.get('server_cpu') or 0:.0%}"
+        f"  listen-queue overflows {result.get('overflows', '?')}"
+        + (f"  ({result['first_error']})" if result.get("first_error") else "")
+    )
 
 
 def summarize(chosen: Sequence[chat.ChatServer], results: dict[str, list[dict]]) -> list[dict]:
