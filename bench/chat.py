@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import servers
+from bench import BenchError, servers
 from bench.loadclient import BuildFailed, buildC
 
 SOURCE = Path(__file__).with_name("chatclient.c")
@@ -272,3 +272,13 @@ def runRounds(
                     progress(f"round {round_ + 1}/{options.rounds} {server.label:<30} {describe(result)}"
                              + (f"  [{result['error']}]" if result.get("error") else ""))
     return summarize(chosen, results) + [{"skipped": note} for note in skipped]
+
+
+def finishMeasure(result: dict, server: ChatServer, running: Any, doneKey: str) -> dict:
+    """End a chat measurement: a run that did not get as far as ``doneKey`` is an error naming the
+    server (with its log), otherwise note whether the server survived and its peak memory."""
+    if result.get("error") and doneKey not in result:
+        raise BenchError(f"{server.label}: {result['error']}{running.logTail()}")
+    result["alive"] = running.alive()
+    result["peak_rss_mib"] = running.memory().hwm / servers.MiB if result["alive"] else None
+    return result

@@ -14,7 +14,7 @@ import argparse
 import statistics
 from collections.abc import Callable, Sequence
 
-from bench import BenchError, chat, servers
+from bench import chat, servers
 from bench.echo import positive
 from bench.report import TIMES, Column, Section, number, ratio
 
@@ -53,11 +53,7 @@ def measure(client: chat.ChatClient, server: chat.ChatServer, running: servers.R
     deadline = 60.0 + options.listeners * options.lines / 100_000
     result = client.fanout(server, running.port, options.listeners, options.lines, options.size, options.window,
                            options.stall, deadline, running=running)
-    if result.get("error") and "delivered" not in result:
-        raise BenchError(f"{server.label}: {result['error']}{running.logTail()}")
-    result["alive"] = running.alive()
-    result["peak_rss_mib"] = running.memory().hwm / servers.MiB if result["alive"] else None
-    return result
+    return chat.finishMeasure(result, server, running, "delivered")
 
 
 def run(options: argparse.Namespace, progress: Callable[[str], None] = lambda line: None) -> list[dict]:

@@ -22,7 +22,7 @@ import argparse
 import statistics
 from collections.abc import Callable, Sequence
 
-from bench import BenchError, chat, servers
+from bench import chat, servers
 from bench.echo import positive
 from bench.report import TIMES, Column, Section, number, ratio
 
@@ -60,11 +60,7 @@ def measure(client: chat.ChatClient, server: chat.ChatServer, running: servers.R
     overflowsAfter = servers.listenOverflows()
     if overflowsBefore is not None and overflowsAfter is not None:
         result["overflows"] = overflowsAfter - overflowsBefore
-    if result.get("error") and "completed" not in result:
-        raise BenchError(f"{server.label}: {result['error']}{running.logTail()}")
-    result["alive"] = running.alive()
-    result["peak_rss_mib"] = running.memory().hwm / servers.MiB if result["alive"] else None
-    return result
+    return chat.finishMeasure(result, server, running, "completed")
 
 
 def run(options: argparse.Namespace, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
