@@ -42,6 +42,13 @@ class OwnedResumeTests(ServerTestCase):
         self.assertEqual(reply, Err("checksum-mismatch", reply.message))
         self.assertEqual(self.visible(), {}, "nothing stored")
 
+    def test_coarseFileTimesDoNotHideTheOtherWriter(self) -> None:
+        """Where file times are too coarse to show the other write, the server still knows of it."""
+        from tcplab import filestore
+
+        self.patch(filestore, "_identity", lambda st: (st.st_dev, st.st_ino, st.st_size))
+        self.test_otherClientsBytesBetweenStatAndPutAreNotStored()
+
     def test_sameConnectionResumeStillWorks(self) -> None:
         """With nobody in between, STAT then PUT offset= on one connection stores the file."""
         data = os.urandom(self.size)
@@ -50,6 +57,20 @@ class OwnedResumeTests(ServerTestCase):
         feed(protocol, put("big", data, trailer=True, offset=self.half), 4096)
         self.assertEqual(self.replies(transport)[-1], Ok(self.size, sha(data), "received_big"))
         self.assertEqual(self.visible(), {"received_big": data})
+
+    def test_unchangedPrefixIsNotHashedTwice(self) -> None:
+        """The STAT's hash is reused when nothing wrote the partial since, and not after a writer."""
+        from tcplab import filestore
+
+        reads: list[int] = []
+        real = filestore.hashRange
+        self.patch(filestore, "hashRange", lambda fd, n, h, *a: (reads.append(n), real(fd, n, h, *a)))
+        data = os.urandom(self.size)
+        self.interrupt(data, self.half)
+        protocol, transport = self.send(formatStat(self.size, "big"))
+        feed(protocol, put("big", data, trailer=True, offset=self.half))
+        self.assertEqual(reads, [self.half], "hashed once, for the STAT")
+        self.assertEqual(self.replies(transport)[-1], Ok(self.size, sha(data), "received_big"))
 
     def test_twoUploadsNeverShareAPartial(self) -> None:
         """Two uploads of one name and size at once each store exactly their own bytes."""
