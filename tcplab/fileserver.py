@@ -57,6 +57,12 @@ log = Logger(namespace="tcplab.fileserver")
 
 #: How long a connection that got an ERR may keep sending before it is cut off.
 LINGER_SECONDS = 5.0
+#: The same for a connection turned away by --max-connections/--max-per-peer: it has sent
+#: at most a request line and a little body, and a flood of them must not hold descriptors.
+TURN_AWAY_LINGER = 1.0
+#: At most this many turned-away connections wait to be closed; past it, one is closed as soon
+#: as its ERR is written, so a flood from one address cannot use up the server's descriptors.
+MAX_TURNING_AWAY = 32
 #: Read this much per ``recv``: fewer, larger reads for big bodies (Twisted's default is 64 KiB).
 READ_SIZE = 1 << 20
 #: Warnings (ERR replies, turned-away connections) logged per second, and in a burst: a flood of
@@ -103,7 +109,8 @@ class FileReceiverFactory(Factory):
     def __init__(self, store: FileStore, prefix: str = "received_", token: bytes | None = None,
                  maxSize: int | None = None, headerTimeout: float = 30.0, idleTimeout: float = 300.0,
                  maxFiles: int = 1000, clock: IReactorTime | None = None, readSize: int = READ_SIZE,
-                 linger: float = LINGER_SECONDS, maxConnections: int = 0, maxPerPeer: int = 0) -> None:
+                 linger: float = LINGER_SECONDS, maxConnections: int = 0, maxPerPeer: int = 0,
+                 turnAwayLinger: float = TURN_AWAY_LINGER, maxTurningAway: int = MAX_TURNING_AWAY) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.store = store
@@ -118,6 +125,10 @@ class FileReceiverFactory(Factory):
         self.linger = linger
         self.maxConnections = maxConnections
         self.maxPerPeer = maxPerPeer
+        self.turnAwayLinger = turnAwayLinger
+        self.maxTurningAway = maxTurningAway
+        #: Turned-away connections waiting for their peer to close (at most maxTurningAway).
+        self.turningAway = 0
         #: Every open connection; of them, those let in (not turned away), in all and by peerKey.
         self.connections = 0
         self.admitted = 0
@@ -180,6 +191,7 @@ class FileReceiver(Protocol):
         self.peer = "?"
         self.peerKey: str | None = None
         self.admitted = False
+        self.waitingToGo = False
         self.requests = 0
         self._line = bytearray()
         self._held = b""
@@ -202,9 +214,17 @@ class FileReceiver(Protocol):
         self.peerKey = peerKey(address)
         refusal = self.factory.admit(self.peerKey)
         if refusal is not None:
-            self.factory.turnedAway += 1
-            self.factory.warn("{peer}: turned away: {message}", peer=self.peer, message=refusal)
-            self._refuse(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+            factory = self.factory
+            factory.turnedAway += 1
+            factory.warn("{peer}: turned away: {message}", peer=self.peer, message=refusal)
+            if factory.turningAway >= factory.maxTurningAway:
+                self.state = State.CLOSING
+                self.transport.write(formatErr(ErrorCode.TOO_MANY_CONNECTIONS, refusal))
+                self.transport.loseConnection()
+                return
+            factory.turningAway += 1
+            self.waitingToGo = True
+            self._refuse(ErrorCode.TOO_MANY_CONNECTIONS, refusal, factory.turnAwayLinger)
             return
         self.admitted = True
         if hasattr(type(self.transport), "bufferSize"):
@@ -241,6 +261,9 @@ class FileReceiver(Protocol):
         if self.admitted:
             self.admitted = False
             self.factory.release(self.peerKey)
+        if self.waitingToGo:
+            self.waitingToGo = False
+            self.factory.turningAway -= 1
         self.factory.connections -= 1
 
     # -- the input loop -------------------------------------------------------
@@ -493,12 +516,13 @@ class FileReceiver(Protocol):
                           code=str(code), message=message)
         self._refuse(code, message)
 
-    def _refuse(self, code: ErrorCode, message: str) -> None:
+    def _refuse(self, code: ErrorCode, message: str, linger: float | None = None) -> None:
         """Send the ERR, then close the way _fail describes."""
         self.state = State.CLOSING
         self._held = b""
         self.transport.write(formatErr(code, message))
-        self._timer = self.factory.clock.callLater(self.factory.linger, self._lingerOver)
+        self._timer = self.factory.clock.callLater(self.factory.linger if linger is None else linger,
+                                                   self._lingerOver)
         if self._eof:
             self.transport.loseConnection()
             return

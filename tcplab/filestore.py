@@ -46,6 +46,8 @@ MAX_UNIQUE = 10000
 #: Start the kernel's writeback of a body every this many bytes.
 WRITEBACK_STEP = 32 << 20
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: Partials whose last writer the store remembers (see HeldPrefix); past it, none is reused.
+MAX_TRACKED_PARTIALS = 10000
 
 
 class StorageError(Exception):
@@ -98,16 +100,18 @@ def synchronous(f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
 class HeldPrefix:
     """What a STAT found: a partial file's identity, its length and the hash of those bytes.
 
-    A PUT that resumes at ``length`` on the same (unchanged) file reuses the hash
-    instead of reading the prefix again.
+    A PUT that resumes at ``length`` on the same file reuses the hash instead of reading
+    the prefix again, but only if no upload has opened that partial for writing since
+    (``mark``): same inode and size alone would let another client's bytes, written from 0
+    in between, pass under the hash of the first client's.
     """
 
-    def __init__(self, key: str, dev: int, ino: int, length: int, hasher: Any) -> None:
+    def __init__(self, key: str, st: os.stat_result, hasher: Any, mark: tuple[int, int]) -> None:
         self.key = key
-        self.dev = dev
-        self.ino = ino
-        self.length = length
+        self.identity = _identity(st)
+        self.length = st.st_size
         self.hasher = hasher
+        self.mark = mark
 
     @property
     def sha256(self) -> str:
@@ -128,6 +132,8 @@ class Upload:
         self.position = offset
         self.hasher = hasher
         self.resumable = resumable
+        #: What this upload still holds of ``store.reserved``: the bytes it has yet to write
+        #: (the free space the file system reports already counts those it wrote).
         self.reserved = size - offset
         self.closed = False
         self._flushed = offset
@@ -148,6 +154,8 @@ class Upload:
                 self.position += written
         except OSError as e:
             raise _ioError(e, "cannot write") from None
+        finally:
+            self.store._written(self)
         if self.position - self._flushed >= WRITEBACK_STEP:
             self._startWriteback()
 
@@ -184,7 +192,8 @@ class Upload:
 class FileStore:
     """The ``--dir`` folder and the rules for writing into it."""
 
-    def __init__(self, directory: str, overwrite: bool = False, runBlocking: RunBlocking | None = None) -> None:
+    def __init__(self, directory: str, overwrite: bool = False, runBlocking: RunBlocking | None = None,
+                 freeSpace: Callable[[int], int] | None = None) -> None:
         self.directory = directory
         self.overwrite = overwrite
         self.runBlocking: RunBlocking = runBlocking or threads.deferToThread
@@ -193,10 +202,17 @@ class FileStore:
         os.umask(mask)
         self.fileMode = 0o666 & ~mask
         self.reserved = 0
+        #: partial name -> serial of the last upload that opened it for writing (bounded:
+        #: when full it is emptied and the epoch moves on, so no old mark can match again).
+        self._writers: dict[str, int] = {}
+        self._writerSerial = 0
+        self._writerEpoch = 0
         # Seams for tests that need a disk to fail at a given step.
         self.write: Callable[[int, Any], int] = os.write
         self.fsync: Callable[[int], None] = os.fsync
         self.link: Callable[..., None] = os.link
+        #: The bytes free to an unprivileged user on the file system of the folder ``fd``.
+        self.freeSpace: Callable[[int], int] = freeSpace or _statvfsFree
 
     def close(self) -> None:
         if self.dirFd >= 0:
@@ -206,8 +222,7 @@ class FileStore:
     # -- space ------------------------------------------------------------------
 
     def freeBytes(self) -> int:
-        st = os.statvfs(self.dirFd)
-        return st.f_bavail * st.f_frsize
+        return self.freeSpace(self.dirFd)
 
     def checkSpace(self, needed: int) -> None:
         """Raise NoSpace unless ``needed`` more bytes fit next to the uploads already under way."""
@@ -217,6 +232,12 @@ class FileStore:
             raise _ioError(e, "cannot check the free space") from None
         if needed > free:
             raise NoSpace(f"{needed} bytes do not fit: the server has {max(free, 0)} bytes free")
+
+    def _written(self, upload: Upload) -> None:
+        """Shrink the upload's reservation to the bytes it has still to write."""
+        left = min(upload.reserved, max(upload.size - upload.position, 0))
+        self.reserved -= upload.reserved - left
+        upload.reserved = left
 
     def _release(self, upload: Upload) -> None:
         self.reserved -= upload.reserved
@@ -258,9 +279,12 @@ class FileStore:
         upload = Upload(self, fd, name, parts, size, offset, hashlib.sha256(), resumable)
         if not resumable:
             return succeed(upload)
+        unchanged = offset > 0 and self._unchanged(fd, name, held, offset)
+        self._markWriting(name)
         if offset == 0:
             return maybeDeferred(self._truncate, upload).addErrback(self._abandon, upload)
-        if held is not None and offset == held.length and self._same(fd, held):
+        if unchanged:
+            assert held is not None
             upload.hasher = held.hasher.copy()
             return maybeDeferred(self._truncate, upload).addErrback(self._abandon, upload)
         return self.runBlocking(self._resume, upload).addErrback(self._abandon, upload)
@@ -269,9 +293,25 @@ class FileStore:
         upload.abort(keep=failure.check(BadOffset) is not None)
         return failure
 
-    def _same(self, fd: int, held: HeldPrefix) -> bool:
-        st = os.fstat(fd)
-        return (st.st_dev, st.st_ino, st.st_size) == (held.dev, held.ino, held.length)
+    def _writerMark(self, name: str) -> tuple[int, int]:
+        return self._writerEpoch, self._writers.get(name, 0)
+
+    def _markWriting(self, name: str) -> None:
+        """An upload opened the partial ``name`` to write: any hash taken of it before is stale."""
+        if name not in self._writers and len(self._writers) >= MAX_TRACKED_PARTIALS:
+            self._writers.clear()
+            self._writerEpoch += 1
+        self._writerSerial += 1
+        self._writers[name] = self._writerSerial
+
+    def _unchanged(self, fd: int, name: str, held: HeldPrefix | None, offset: int) -> bool:
+        """Whether ``held`` (what a STAT hashed) is still exactly what the partial holds."""
+        if held is None or held.key != name or held.length != offset or held.mark != self._writerMark(name):
+            return False
+        try:
+            return _identity(os.fstat(fd)) == held.identity
+        except OSError:
+            return False
 
     def _openTemp(self) -> tuple[int, str]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -308,14 +348,21 @@ class FileStore:
 
     def _lockOwned(self, fd: int, name: str) -> bool:
         """Lock ``fd``; True when it is a plain file of ours, with one link, still under ``name``."""
+        st = self._lockOurs(fd, name)
+        return st is not None and st.st_nlink == 1
+
+    def _lockOurs(self, fd: int, name: str) -> os.stat_result | None:
+        """Lock ``fd``; its stat when it is a plain file of ours still under ``name``, else None."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             st = os.fstat(fd)
             now = os.stat(name, dir_fd=self.dirFd, follow_symlinks=False)
         except OSError:
-            return False
-        return (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
-                and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino))
+            return None
+        if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+                and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)):
+            return st
+        return None
 
     def _truncate(self, upload: Upload) -> Upload:
         try:
@@ -372,6 +419,7 @@ class FileStore:
         if not self._lockOwned(fd, name):
             os.close(fd)
             return succeed(None)
+        mark = self._writerMark(name)  # no writer can start while this holds the lock
 
         def hashIt() -> HeldPrefix | None:
             try:
@@ -380,7 +428,7 @@ class FileStore:
                     return None
                 hasher = hashlib.sha256()
                 hashRange(fd, st.st_size, hasher)
-                return HeldPrefix(name, st.st_dev, st.st_ino, st.st_size, hasher)
+                return HeldPrefix(name, st, hasher, mark)
             except OSError:
                 return None
             finally:
@@ -484,7 +532,13 @@ class FileStore:
     # -- housekeeping -----------------------------------------------------------
 
     def cleanStale(self, maxAge: float, now: float | None = None) -> int:
-        """(Blocking.) Remove temp and partial files untouched for ``maxAge`` seconds and not in use."""
+        """(Blocking.) Remove temp and partial files untouched for ``maxAge`` seconds and not in use.
+
+        One with more than one link, whatever its age, is what a crash between the ``link`` and
+        the ``unlink`` of a commit leaves: the file is already stored under its final name (it
+        was verified and fsync'ed first), so only the hidden name goes; a live commit holds the
+        lock and is left alone.
+        """
         now = time.time() if now is None else now
         removed = 0
         with os.scandir(self.dirFd) as entries:
@@ -496,14 +550,15 @@ class FileStore:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < maxAge:
+                if not stat.S_ISREG(st.st_mode) or (now - st.st_mtime < maxAge and st.st_nlink == 1):
                     continue
                 try:
                     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dirFd)
                 except OSError:
                     continue
                 try:
-                    if self._lockOwned(fd, name):
+                    locked = self._lockOurs(fd, name)
+                    if locked is not None and (locked.st_nlink > 1 or now - locked.st_mtime >= maxAge):
                         os.unlink(name, dir_fd=self.dirFd)
                         removed += 1
                 except OSError:
@@ -517,6 +572,16 @@ class FileStore:
 
     def _close(self, fd: int) -> None:
         _quietly(os.close, fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """Which file, how long, last changed when: a partial written by anything else differs."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _statvfsFree(fd: int) -> int:
+    st = os.statvfs(fd)
+    return st.f_bavail * st.f_frsize
 
 
 def uniqueName(name: str, n: int) -> str:

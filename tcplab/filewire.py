@@ -426,8 +426,12 @@ def loadToken(path: str | None, environ: Mapping[str, str] = os.environ) -> str 
     """The shared token from the file ``path``, else from ``$TCPLAB_TOKEN``, else None.
 
     The server and the client read it alike, so a token file that works for one works
-    for the other; each turns ``TokenError`` into its own kind of error.
+    for the other; each turns ``TokenError`` into its own kind of error. An empty path
+    or a set-but-empty ``$TCPLAB_TOKEN`` (an unset variable in a unit file or script)
+    is an error, never "no token": a server must not open up by accident.
     """
+    if path == "":
+        raise TokenError("--token-file is empty: give the path of the file that holds the token")
     if path:
         source = f"--token-file {_quote(path)}"
         try:
@@ -439,8 +443,10 @@ def loadToken(path: str | None, environ: Mapping[str, str] = os.environ) -> str 
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise TokenError(f"{source} is not UTF-8 text") from None
-    elif environ.get(TOKEN_ENV):
+    elif TOKEN_ENV in environ:
         source, text = f"${TOKEN_ENV}", environ[TOKEN_ENV]
+        if not text:
+            raise TokenError(f"${TOKEN_ENV} is set but empty: set it to the token, or unset it for no token")
     else:
         return None
     try:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -22,11 +24,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcplab.errors import ExitCode
 from tcplab.fileclient import FileSender, ServerBusy, Uploader
-from tcplab.fileserver import FileReceiver, FileReceiverFactory, peerKey
+from tcplab.fileserver import MAX_TURNING_AWAY, FileReceiver, FileReceiverFactory, peerKey
 from tcplab.filestore import FileStore, synchronous
 from tcplab.filewire import Err, ErrorCode, Ok, formatPut, parseReply
 from tcplab.tap import file as filetap
-from tests.support import childEnv, scratch
+from tests.support import ServerProcess, childEnv, scratch
 
 
 def v4(host: str, port: int = 40000) -> IPv4Address:
@@ -99,6 +101,36 @@ class LimitTests(SynchronousTestCase):
         for protocol in protocols:
             protocol.connectionLost(Failure(Exception("gone")))
         self.assertEqual((factory.admitted, factory.connections, factory.perPeer), (0, 0, {}))
+
+    def test_turnedAwayClosedPromptly(self) -> None:
+        """A turned-away connection that neither reads nor closes is aborted after one second."""
+        factory = self.factory(maxConnections=1)
+        self.connect(factory, v4("10.0.0.1"))
+        _, transport = self.connect(factory, v4("10.0.0.2"))
+        self.assertTurnedAway(transport)
+        self.clock.advance(0.9)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected, "aborted after 1 s, not the 5 s an upload's ERR gets")
+
+    def test_waitingToBeTurnedAwayIsBounded(self) -> None:
+        """Past --max-connections, at most a few refused connections wait to go; the rest get their
+        ERR and are closed at once, so a flood holds no more descriptors."""
+        factory = self.factory(maxConnections=1, maxTurningAway=3)
+        self.connect(factory, v4("10.0.0.1"))
+        refused = [self.connect(factory, v4("10.0.0.1", 40001 + i)) for i in range(6)]
+        for _, transport in refused:
+            self.assertTurnedAway(transport, "--max-connections")
+        self.assertEqual([t.disconnecting for _, t in refused], [False] * 3 + [True] * 3)
+        self.assertEqual(factory.turningAway, 3)
+        refused[0][0].connectionLost(Failure(Exception("gone")))
+        self.assertEqual(factory.turningAway, 2)
+        _, transport = self.connect(factory, v4("10.0.0.1", 40100))
+        self.assertFalse(transport.disconnecting, "a free place to wait is used again")
+        for protocol, _ in refused[1:]:
+            protocol.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(factory.turningAway, 1)
+        self.assertEqual(factory.turnedAway, 7)
 
     def test_noLimitsByDefault(self) -> None:
         factory = self.factory()
@@ -254,3 +286,62 @@ class LoopbackLimitTests(TestCase):
         with self.assertRaises(ServerBusy):
             await uploader.send(os.path.join(self.src, "a.txt"), "a.txt")
         await uploader.close()
+
+
+class FloodTests(SynchronousTestCase):
+    """Issue 11 item 9: turned-away connections cannot pile up, in a real twistd with few descriptors."""
+
+    flood = 400
+
+    def setUp(self) -> None:
+        self.dir = scratch(self)
+        self.server = ServerProcess("tcplab-file", "--listen", "tcp:0:interface=127.0.0.1", "--dir", self.dir,
+                                    "--max-connections", "64", "--max-per-peer", "16", openFiles=256)
+        self.addCleanup(self.server.stop)
+
+    def serverFds(self) -> int:
+        return len(os.listdir(f"/proc/{self.server.process.pid}/fd"))
+
+    def connectFrom(self, source: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", self.server.port))
+        return sock
+
+    def test_floodFromOneAddressLeavesAnotherServed(self) -> None:
+        """400 connections from 127.0.0.1 that never read nor close, against RLIMIT_NOFILE 256:
+        127.0.0.2 still uploads at once, and the server's descriptors stay bounded."""
+        flood = [self.connectFrom("127.0.0.1") for _ in range(self.flood)]
+        for sock in flood[:32]:
+            sock.sendall(formatPut(5, "flood") + b"hello")
+        most = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            most = max(most, self.serverFds())
+            if b"too-many-connections" in self.peek(flood[-1]):
+                break
+            time.sleep(0.02)
+        started = time.monotonic()
+        other = self.connectFrom("127.0.0.2")
+        other.settimeout(3)
+        other.sendall(formatPut(5, "a.txt") + b"hello")
+        try:
+            reply = other.recv(4096)
+        except OSError as e:
+            self.fail(f"127.0.0.2 was not served during the flood: {e}")
+        self.assertTrue(reply.startswith(b"OK 5 "), reply)
+        self.assertLess(time.monotonic() - started, 2, "served at once, not after the flood drained")
+        most = max(most, self.serverFds())
+        self.assertLess(most, 16 + MAX_TURNING_AWAY + 40, "descriptors held for turned-away connections pile up")
+        self.assertIn("received_a.txt", os.listdir(self.dir))
+        self.assertNotIn("Traceback", self.server.stop())
+
+    def peek(self, sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            return b"reset"

@@ -91,7 +91,7 @@ class ServerTestCase(SynchronousTestCase):
 
     def assertRefused(self, transport: StringTransport, code: str) -> Err:
         replies = self.replies(transport)
-        self.assertIsInstance(replies[-1], Err, replies)
+        self.assertIsInstance(replies[-1], Err, str(replies))
         self.assertEqual(replies[-1].code, code, replies[-1])
         return replies[-1]  # type: ignore[no-any-return]
 

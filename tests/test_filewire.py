@@ -364,7 +364,6 @@ class LoadTokenTests(SynchronousTestCase):
 
     def test_fromEnvironment(self) -> None:
         self.assertEqual(loadToken(None, {"TCPLAB_TOKEN": " s3cret "}), "s3cret")
-        self.assertIsNone(loadToken(None, {"TCPLAB_TOKEN": ""}))
         self.assertIsNone(loadToken(None, {}))
 
     def test_problemsAreOneKindOfError(self) -> None:
@@ -375,6 +374,8 @@ class LoadTokenTests(SynchronousTestCase):
             (self.write(b"\xff\xfe"), {}, "is not UTF-8 text"),
             (self.write(b""), {}, "the token is empty"),
             (None, {"TCPLAB_TOKEN": "tab\there"}, "$TCPLAB_TOKEN: "),
+            (None, {"TCPLAB_TOKEN": ""}, "$TCPLAB_TOKEN is set but empty"),
+            ("", {"TCPLAB_TOKEN": "s3cret"}, "--token-file is empty"),
         ]
         for path, environ, message in cases:
             with self.subTest(message=message), self.assertRaises(TokenError) as caught:
