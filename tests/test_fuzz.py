@@ -306,10 +306,12 @@ class MultiProtocolFuzzTests(SynchronousTestCase):
                 clock.advance(11)
             elif what == "drop":
                 peer.gone = True
+                peer.sent.add(peer.pending)  # a clean close ends the input: its last line is delivered
                 peer.client.connectionLost(Failure(ConnectionDone()))
             self.checkBounds(hub, peers)
         for peer in peers:
             if not peer.gone:
+                peer.sent.add(peer.pending)
                 peer.client.connectionLost(Failure(ConnectionDone()))
         clock.advance(config.closeGrace + 1)
         self.assertEqual((hub.connections, len(hub.members), len(hub.names)), (0, 0, 0))
