@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from tcplab.escaping import escapeCodePoints, unescapeCodePoints
+
 #: A request line, LF included, is at most this long.
 MAX_HEADER = 4096
 #: The ``SHA256 <hex>`` trailer line, LF included, is at most this long.
@@ -360,46 +362,22 @@ def storedParts(parts: tuple[str, ...], prefix: str) -> tuple[str, ...]:
 
 
 def escapeName(name: str) -> str:
-    """Show a name safely on one terminal line: ``\\`` and every character that
-    is not printable (controls, escapes, line breaks, bidi marks, invisible
-    formatting, undecodable bytes) become Python-style ``\\xNN``/``\\uNNNN``."""
-    return _escape(name, backslash=True)
+    """Show a name safely on one terminal line: ``\\`` and every character of the
+    one unsafe set (:mod:`tcplab.escaping`: controls, line breaks, bidi marks,
+    invisible formatting, undecodable bytes) and the tab become Python-style
+    ``\\xNN``/``\\uNNNN``/``\\UNNNNNNNN`` (the file protocol's spelling)."""
+    return escapeCodePoints(name)
 
 
 def safeText(text: str) -> str:
     """Like ``escapeName`` but backslashes stay as they are: for messages, which may
     already quote escaped names and are only ever shown, never parsed back."""
-    return _escape(text, backslash=False)
-
-
-def _escape(name: str, backslash: bool) -> str:
-    if name.isprintable() and not (backslash and "\\" in name):
-        return name
-    out = []
-    for ch in name:
-        if ch == "\\" and backslash:
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
-
-
-_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+    return escapeCodePoints(text, backslash=False)
 
 
 def unescapeName(text: str) -> str:
     """Undo ``escapeName`` (anything that is not one of its escapes stays as it is)."""
-    if "\\" not in text:
-        return text
-
-    def one(match: re.Match[str]) -> str:
-        body = match.group(1)
-        return "\\" if body == "\\" else chr(int(body[1:], 16))
-
-    return _ESCAPE.sub(one, text)
+    return unescapeCodePoints(text)
 
 
 def _quote(text: str) -> str:

@@ -24,7 +24,14 @@ from itertools import chain, islice
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, ISSLTransport
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -32,10 +39,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.backplane import STATS_FORMAT, Backplane
+from tcplab.escaping import escapeLine, escapeText
 from tcplab.multiwire import (
     HELP,
-    escapeLine,
-    escapeText,
     isValidNick,
     parseCommand,
     prefixFor,
@@ -98,11 +104,18 @@ class Leaving(enum.Enum):
         self.flush = flush
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class HubClient(Protocol, TimeoutMixin):
     """One connected client: splits its bytes into lines (never holding more than
     ``maxLine`` of an unfinished one), runs its commands, and echoes and broadcasts
-    each read's lines as one write per recipient."""
+    each read's lines as one write per recipient.
+
+    A client joins the room once it can be spoken to: at once over TCP or a unix
+    socket, after its handshake over TLS (a connection that never completes one
+    is never announced). At the end of its input (a half-close, ``nc -N``) its
+    last line, even unterminated, is delivered, and it leaves once everything it
+    is owed has been sent.
+    """
 
     factory: MultiHub
 
@@ -126,6 +139,16 @@ class HubClient(Protocol, TimeoutMixin):
         self.peer = describeAddress(self.transport.getPeer())
         hub.connections += 1
         self._handshaking = ISSLTransport.providedBy(self.transport)
+        if self._handshaking:
+            hub.handshaking[self] = None
+            if hub.config.idleTimeout:
+                self.setTimeout(hub.config.idleTimeout)
+        else:
+            self._admit()
+
+    def _admit(self) -> None:
+        """Give the client its seat (and tell the room), or its refusal."""
+        hub = self.factory
         refusal = hub.refusal()
         if refusal is not None:
             self.closing = True
@@ -139,12 +162,33 @@ class HubClient(Protocol, TimeoutMixin):
         if hub.config.idleTimeout:
             self.setTimeout(hub.config.idleTimeout)
 
+    def readConnectionLost(self) -> None:
+        """The client is done sending (``shutdown(SHUT_WR)``, ``nc -N``): deliver its last line even
+        without a line end, then send everything it is owed and close."""
+        if self.closing:
+            return
+        self._endOfInput()
+        self.close(Leaving.CLOSED)
+
+    def writeConnectionLost(self) -> None:
+        """The client stopped reading; what it sends still counts until it closes."""
+
+    def _endOfInput(self, echo: bool = True) -> None:
+        if self._partial and self.member:
+            tail, self._partial = bytes(self._partial), bytearray()
+            self._lines(tail, final=True, echo=echo)
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         hub = self.factory
         self.setTimeout(None)
+        hub.handshaking.pop(self, None)
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self._abort = None
+        if not self.closing:
+            if reason is not None and reason.check(ConnectionDone):
+                # A clean close with no half-close first (TLS cannot half-close): the others still get it.
+                self._endOfInput(echo=False)
         if not self.closing:
             self.closing = True
             hub.leave(self, Leaving.CLOSED)
@@ -160,28 +204,38 @@ class HubClient(Protocol, TimeoutMixin):
     @property
     def described(self) -> str:
         """The client for a log line: its name, and its address if that is not the name."""
-        return self.name if self.name == self.peer else f"{self.name} ({self.peer})"
+        return self.name if self.name in (self.peer, "") else f"{self.name} ({self.peer})"
 
     # -- reading
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or not self.member:
             return
         self.resetTimeout()
         hub = self.factory
         hub.stats.bytesIn += len(data)
-        maxLine = hub.config.maxLine
         if b"\n" not in data:
             self._partial += data
-            if _overLong(self._partial, maxLine):
+            if _overLong(self._partial, hub.config.maxLine):
                 self._lineTooLong()
             return
         if self._partial:
             self._partial += data
             data = bytes(self._partial)
             self._partial = bytearray()
+        self._lines(data)
+
+    def _lines(self, data: bytes, final: bool = False, echo: bool = True) -> None:
+        """Echo, run and broadcast the lines of ``data``; its unterminated tail is kept for the next read,
+        or, at the end of input (``final``), is the last line (a ``\\r`` ending it counts as its line end).
+        Without ``echo`` (the connection is gone) only the others are given what they are owed."""
+        hub = self.factory
+        maxLine = hub.config.maxLine
         lines = data.split(b"\n")
         tail = lines.pop()
+        if final and tail:
+            lines.append(tail)
+            tail = b""
         own: list[bytes] = []
         others: list[bytes] = []
         start = pos = done = 0
@@ -207,7 +261,7 @@ class HubClient(Protocol, TimeoutMixin):
         hub.stats.lines += done
         if pos > start:
             own.append(data[start:pos])
-        if own:
+        if own and echo:
             self.send(b"".join(own))
         if others:
             hub.broadcast(b"".join(others), self)
@@ -258,7 +312,12 @@ class HubClient(Protocol, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
-        if self.queue is not None and self.queue.paused:
+        self.factory.handshaking.pop(self, None)
+        if self.closing:
+            return
+        if self.queue is None:
+            self._admit()
+        elif self.queue.paused:
             self.pauseReading()
 
     def pauseReading(self) -> None:
@@ -359,6 +418,8 @@ class MultiHub(Factory):
         self.connections = 0
         self.stopping = False
         self.members: dict[HubClient, None] = {}
+        #: TLS connections whose handshake is not done: not members yet, never announced.
+        self.handshaking: dict[HubClient, None] = {}
         self.names: dict[str, HubClient] = {}
         self._serial = 0
         self._broadcasting = False
@@ -525,6 +586,8 @@ class MultiHub(Factory):
         self.stopping = True
         for client in list(self.members):
             client.close(Leaving.SHUTDOWN, serverLine("server shutting down"))
+        for client in list(self.handshaking):
+            client.transport.abortConnection()  # type: ignore[attr-defined]
         if self.connections <= 0:
             return succeed(None)
         d: Deferred[None] = Deferred()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-from tcplab.multiwire import escapeText
+from tcplab.escaping import escapeText
 
 
 def describeAddress(address: object) -> str:

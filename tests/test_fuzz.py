@@ -212,6 +212,11 @@ MULTI_TOKENS = [
     b"\x7f", b"\xc2\x85", b"\xe2\x80\xae", b"\xe2\x80\xa8", b"\xff", b"\xed\xa0\x80", b"\xc0\xaf", b"* fake",
     b"<bob> fake", b"x" * 60, b"/nick alice\n", b"/nick bob\n", b"/who\n", b"/quit\n", b"//x\n",
     b"a line that fills queues of non-readers\n" * 4,
+    # the rest of the unsafe set (tcplab.escaping): bidi marks, embeddings, overrides, isolates, separators,
+    # invisible and format characters; and a line of exactly MAX_LINE bytes, and one byte more
+    *(ch.encode("utf-8") for ch in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u2066\u2067\u2068\u2069\u2029"
+                                   "\u00ad\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff\U000e0001\u00a0"),
+    b"y" * 48, b"y" * 49,
 ]
 
 multiChunk = st.lists(st.one_of(st.sampled_from(MULTI_TOKENS), st.binary(max_size=24)), min_size=1, max_size=8)
@@ -230,8 +235,10 @@ multiAction = st.one_of(
 MAX_LINE = 48
 SEND_QUEUE = 300
 BUFFER = 100
-#: What a terminal must never be handed raw in a line from someone else (see multiwire._UNSAFE).
-_UNSAFE_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: What a terminal must never be handed raw in a line from someone else: the unsafe set of
+#: tcplab.escaping, spelled out here (but for the backslash, which starts the escapes themselves).
+_UNSAFE_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u00a0\u00ad\u061c\u200b-\u200f\u2028-\u202e"
+                          "\u2060-\u2064\u2066-\u2069\ufeff\U000e0001\udc80-\udcff]")
 _OTHER = re.compile(rb"<([^>\n]+)> (.*)")
 
 
@@ -299,10 +306,12 @@ class MultiProtocolFuzzTests(SynchronousTestCase):
                 clock.advance(11)
             elif what == "drop":
                 peer.gone = True
+                peer.sent.add(peer.pending)  # a clean close ends the input: its last line is delivered
                 peer.client.connectionLost(Failure(ConnectionDone()))
             self.checkBounds(hub, peers)
         for peer in peers:
             if not peer.gone:
+                peer.sent.add(peer.pending)
                 peer.client.connectionLost(Failure(ConnectionDone()))
         clock.advance(config.closeGrace + 1)
         self.assertEqual((hub.connections, len(hub.members), len(hub.names)), (0, 0, 0))
@@ -313,7 +322,10 @@ class MultiProtocolFuzzTests(SynchronousTestCase):
     def checkBounds(self, hub: MultiHub, peers: list[Peer]) -> None:
         for peer in peers:
             client = peer.client
-            self.assertLessEqual(len(client._partial), MAX_LINE + 1)
+            partial = bytes(client._partial)
+            # --max-line exactly: an unfinished line holds at most MAX_LINE bytes, or one more if that is a \r
+            self.assertTrue(len(partial) <= MAX_LINE or (len(partial) == MAX_LINE + 1 and partial.endswith(b"\r")),
+                            len(partial))
             if client.queue is not None:
                 self.assertLessEqual(client.queue.offered, SEND_QUEUE)
             if peer.gone:

@@ -16,10 +16,13 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from tcplab.filewire import escapeName, safeText
 from tcplab.multi import WHO_LIMIT, HubClient, HubConfig, MultiHub
 from tcplab.multiwire import escapeLine, escapeText, parseCommand, unescapeLine
+from tcplab.peers import describeAddress
 from tcplab.sendqueue import SendQueue
 from tcplab.tap import multi as multitap
+from tests.test_escaping import NAMED
 
 
 class FlowTransport(StringTransport):
@@ -588,7 +591,35 @@ class EscapingTests(unittest.TestCase):
         self.assertIsNone(re.search("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]", text))
 
     def test_escapeText(self) -> None:
+        """A name or path is escaped as a chat line is."""
         self.assertEqual(escapeText("unix:/tmp/\x1b.sock"), "unix:/tmp/\\x1b.sock")
+
+    def test_everyBidiAndInvisibleCharacterIsEscapedForOthers(self) -> None:
+        """Each bidi mark, embedding, override and isolate, each invisible character and U+2028/U+2029
+        reaches the other clients spelled out, and comes back to its sender exactly."""
+        room = Room()
+        a, ta = room.connect()
+        _, tb = room.connect()
+        for ch, (why, spelled) in NAMED.items():
+            if ch == "\n":
+                continue  # the line end itself
+            raw = ("left " + ch + " right").encode("utf-8")
+            a.dataReceived(raw + b"\n")
+            self.assertEqual(ta.take(), raw + b"\n", why)
+            self.assertEqual(tb.take(), b"<127.0.0.1:40001> left " + spelled + b" right\n", why)
+
+    def test_chatAndFileNamesEscapeTheSameCharacters(self) -> None:
+        """What chat escapes for others' terminals, file names in logs and client output escape too."""
+        for ch, (why, _) in NAMED.items():
+            self.assertNotIn(ch, escapeText("a" + ch), why)
+            self.assertNotIn(ch, escapeName("a" + ch), why)
+            self.assertNotIn(ch, safeText("a" + ch), why)
+        for ch in ["\u00e9", "\u05d0", "\u65e5", "\U0001f600"]:
+            self.assertEqual((escapeText(ch), escapeName(ch)), (ch, ch))
+
+    def test_unixPeerNameIsEscaped(self) -> None:
+        """A client's self-chosen unix socket path cannot put bidi marks into others' notices."""
+        self.assertEqual(describeAddress(UNIXAddress("/tmp/\u200fx\u2066.sock")), "unix:/tmp/\\u200fx\\u2066.sock")
 
 
 class ShutdownTests(unittest.TestCase):
