@@ -8,7 +8,7 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 
@@ -16,8 +16,10 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def makeCertificates(directory: str) -> dict[str, str]:
-    """Write ca.pem, server.pem (certificate + key) and other-ca.pem; return their paths."""
+def makeCertificates(directory: str, rsaServer: bool = False) -> dict[str, str]:
+    """Write ca.pem, server.pem (certificate + key) and other-ca.pem; return their paths.
+
+    The server key is ECDSA P-256, or RSA 2048 with ``rsaServer`` (which plain-RSA key exchange needs)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     paths: dict[str, str] = {}
 
@@ -34,7 +36,8 @@ def makeCertificates(directory: str) -> dict[str, str]:
 
     caKey, caCert = ca("tcplab test CA")
     _, otherCert = ca("some other CA")
-    serverKey = ec.generate_private_key(ec.SECP256R1())
+    serverKey: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(65537, 2048) if rsaServer else ec.generate_private_key(ec.SECP256R1()))
     serverCert = (
         x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(caCert.subject)
         .public_key(serverKey.public_key()).serial_number(x509.random_serial_number())

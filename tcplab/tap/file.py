@@ -54,6 +54,28 @@ def checkPrefix(prefix: str) -> None:
         raise usage.UsageError(f"--prefix {escapeName(prefix[:20])!r}... is too long: leave room for the names")
 
 
+def checkDir(directory: str) -> None:
+    """A one-line UsageError, naming the fix, unless ``directory`` is a folder this user can store into."""
+    shown = escapeName(directory)
+    if not os.path.exists(directory):
+        raise usage.UsageError(f"--dir {shown} does not exist: create it (mkdir -p {shown}) or give an existing "
+                               "folder")
+    if not os.path.isdir(directory):
+        raise usage.UsageError(f"--dir {shown} is a file, not a folder: give the folder to store uploads in")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise usage.UsageError(f"--dir {shown} is not writable by this user ({_user()}): give it write access "
+                               "or choose another folder")
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 class Options(ServerOptions):
     synopsis = ("[--port 9000] [--interface ADDR] [--listen ENDPOINT]... [--dir DIR] [--prefix received_] "
                 "[--max-size BYTES] [--token-file F] [--overwrite] [--max-connections N] [--max-per-peer N]")
@@ -81,10 +103,7 @@ class Options(ServerOptions):
     def postOptions(self) -> None:
         super().postOptions()
         directory = self["dir"]
-        if not os.path.isdir(directory):
-            raise usage.UsageError(f"--dir {directory!r} is not a folder")
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise usage.UsageError(f"--dir {directory!r} is not writable by this user")
+        checkDir(directory)
         checkPrefix(self["prefix"])
         if self["max-size"] is not None:
             self["max-size"] = sizeOption("--max-size", self["max-size"])
