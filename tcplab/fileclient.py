@@ -9,6 +9,7 @@ per-connection cap) and resuming from what the server holds when asked to.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -344,15 +345,26 @@ class Uploader:
         if client is not None:
             await client.close()
 
-    async def send(self, path: str, name: str, progress: Progress = _noProgress) -> Sent:
-        """Upload ``path`` as ``name``; raise a TcplabError saying why it was not stored."""
+    async def send(self, path: str, name: str, progress: Progress = _noProgress,
+                   identity: tuple[int, int] | None = None) -> Sent:
+        """Upload ``path`` as ``name``; raise a TcplabError saying why it was not stored.
+        With ``identity`` (device, inode), the file opened must be that one and not a symlink:
+        what a folder walk found cannot be swapped for a link to elsewhere before it is sent."""
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block us
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block us
+            fd = os.open(path, flags | (os.O_NOFOLLOW if identity is not None else 0))
         except OSError as e:
+            if e.errno == errno.ELOOP and identity is not None:
+                raise LocalFileError(f"{escapeName(path)} became a symlink while the folder was being sent "
+                                     "(not followed)") from None
             raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise LocalFileError(f"{escapeName(path)} is not a regular file")
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            os.close(fd)
+            raise LocalFileError(f"{escapeName(path)} was replaced by another file while the folder was being sent")
         reported = 0
 
         def counted(n: int) -> None:

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from tcplab.cli.send import collectFiles
+from tcplab.cli.send import Item, collectFiles
 from tcplab.errors import (
     AlreadyExists,
     ConnectionLostError,
@@ -373,6 +373,23 @@ class FlowTests(LoopbackTestCase):
         with self.assertRaises(LocalFileError):
             await self.uploader().send(os.path.join(self.src, "nope"), "nope")
 
+    async def test_fileSwappedForASymlinkAfterTheWalk(self) -> None:
+        """A file a folder walk found that becomes a symlink (or another file) before it is sent is not sent."""
+        secret = self.source("secret", b"PRIVATE KEY")
+        path = self.source("photos/a.jpg", b"jpeg")
+        [item] = collectFiles([os.path.dirname(path)], True)
+        assert isinstance(item, Item)
+        os.replace(self.source("photos/new", b"other"), path)
+        with self.assertRaises(LocalFileError) as caught:
+            await self.uploader().send(item.path, item.name, identity=item.identity)
+        self.assertIn("was replaced", str(caught.exception))
+        os.unlink(path)
+        os.symlink(secret, path)
+        with self.assertRaises(LocalFileError) as caught:
+            await self.uploader().send(item.path, item.name, identity=item.identity)
+        self.assertIn("became a symlink", str(caught.exception))
+        self.assertEqual(self.visible(), [])
+
     async def test_ncOneLiner(self) -> None:
         """The README's shell one-liner uploads a file with nothing but printf, cat and ncat."""
         if shutil.which("ncat") is None:
@@ -531,6 +548,40 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertNotIn("\x07", err)
         self.assertIn("\\x1b", err)
 
+    async def test_oneMissingFileDoesNotStopTheOthers(self) -> None:
+        """``tcplab send missing.txt good.txt`` stores good.txt and exits 6 with one line about missing.txt."""
+        self.source("good.txt", b"good")
+        out, err, code = await self.run_("--port", str(self.port), "missing.txt", "good.txt")
+        self.assertEqual(code, 6, err)
+        self.assertIn("cannot read missing.txt", err)
+        self.assertIn("good.txt -> received_good.txt", out)
+        self.assertEqual(self.visible(), ["received_good.txt"])
+
+    async def test_folderSymlinksNeverLeak(self) -> None:
+        """``send -r photos`` with links to a secret file and folder sends neither, one warning each, exit 0."""
+        self.source("secret/id_rsa", b"PRIVATE KEY")
+        self.source("photos/a.jpg", b"jpeg")
+        os.symlink("../secret/id_rsa", os.path.join(self.src, "photos", "b.jpg"))
+        os.symlink("../secret", os.path.join(self.src, "photos", "keys"))
+        out, err, code = await self.run_("--port", str(self.port), "-r", "photos", lines=2)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.visible(), ["received_photos/a.jpg"])
+        self.assertIn("photos/b.jpg: a symlink", err)
+        self.assertIn("photos/keys: a symlink", err)
+
+    async def test_badEntryInAFolderDoesNotStopTheRest(self) -> None:
+        """A fifo and a non-UTF-8 name in a folder are skipped with a line each; the rest is stored; exit 6."""
+        self.source("docs/a.txt", b"a")
+        self.source("docs/sub/b.txt", b"b")
+        with open(os.path.join(os.fsencode(self.src), b"docs", b"bad-\xe9.txt"), "wb") as f:
+            f.write(b"x")
+        os.mkfifo(os.path.join(self.src, "docs", "pipe"))
+        out, err, code = await self.run_("--port", str(self.port), "-r", "docs", lines=2)
+        self.assertEqual(code, 6, err)
+        self.assertEqual(self.visible(), ["received_docs/a.txt", "received_docs/sub/b.txt"])
+        self.assertIn("not valid UTF-8", err)
+        self.assertIn("docs/pipe: not a regular file", err)
+
     async def test_severalFailuresSummarised(self) -> None:
         self.source("a", b"1")
         self.source("b", b"2")
@@ -661,6 +712,12 @@ class PausingTransport(StringTransport):
             self.producer.pauseProducing()
 
 
+def split(items: list[Item | LocalFileError]) -> tuple[list[str], list[str]]:
+    """The names that would be sent, and the problems, of what collectFiles found."""
+    return ([i.name for i in items if isinstance(i, Item)],
+            [str(i) for i in items if isinstance(i, LocalFileError)])
+
+
 class CollectTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.top = scratch(self)
@@ -670,41 +727,117 @@ class CollectTests(SynchronousTestCase):
                 f.write(b"x")
 
     def test_files(self) -> None:
+        """A named file is sent under its base name."""
         items = collectFiles([os.path.join(self.top, "plain.txt")], False)
-        self.assertEqual([(i.name, i.size) for i in items], [("plain.txt", 1)])
+        self.assertEqual([(i.name, i.size) for i in items if isinstance(i, Item)], [("plain.txt", 1)])
 
     def test_folderNeedsRecursive(self) -> None:
-        with self.assertRaises(LocalFileError) as caught:
-            collectFiles([os.path.join(self.top, "folder")], False)
-        self.assertIn("-r", str(caught.exception))
+        """A folder without -r is a problem for that path only."""
+        names, errors = split(collectFiles([os.path.join(self.top, "folder"), os.path.join(self.top, "plain.txt")],
+                                           False))
+        self.assertEqual(names, ["plain.txt"])
+        self.assertEqual(len(errors), 1)
+        self.assertIn("-r", errors[0])
 
     def test_recursive(self) -> None:
+        """A folder keeps its relative paths; a fifo and a symlinked folder are skipped with a warning each."""
         os.mkfifo(os.path.join(self.top, "folder", "fifo"))
         os.symlink(self.top, os.path.join(self.top, "folder", "loop"))
         warnings: list[str] = []
         items = collectFiles([os.path.join(self.top, "folder") + "/"], True, warnings.append)
-        self.assertEqual([i.name for i in items], ["folder/a.txt", "folder/sub/b.txt"])
-        self.assertEqual(len(warnings), 1)
+        self.assertEqual(split(items), (["folder/a.txt", "folder/sub/b.txt"], []))
+        self.assertEqual(len(warnings), 2)
         self.assertIn("fifo", warnings[0])
+        self.assertIn("loop: a symlink", warnings[1])
+
+    def test_symlinksInAFolderNeverFollowed(self) -> None:
+        """A symlink to a file, to a folder, or to nothing inside a folder is skipped, one warning line each."""
+        secret = os.path.join(self.top, "secret")
+        os.makedirs(secret)
+        with open(os.path.join(secret, "id_rsa"), "wb") as f:
+            f.write(b"PRIVATE KEY")
+        photos = os.path.join(self.top, "photos")
+        os.makedirs(photos)
+        with open(os.path.join(photos, "a.jpg"), "wb") as f:
+            f.write(b"jpeg")
+        os.symlink("../secret/id_rsa", os.path.join(photos, "b.jpg"))
+        os.symlink("../secret", os.path.join(photos, "keys"))
+        os.symlink("../nowhere", os.path.join(photos, "dangling"))
+        warnings: list[str] = []
+        items = collectFiles([photos], True, warnings.append)
+        self.assertEqual(split(items), (["photos/a.jpg"], []))
+        self.assertEqual(len(warnings), 3, warnings)
+        for warning, name in zip(warnings, ["b.jpg", "dangling", "keys"], strict=True):
+            self.assertIn(f"{name}: a symlink", warning)
+            self.assertEqual(warning.count("\n"), 0)
+
+    def test_badEntriesDoNotStopTheRest(self) -> None:
+        """An unreadable file, a socket and non-UTF-8 names in a folder are skipped; the rest is still sent."""
+        folder = os.path.join(self.top, "folder")
+        for name in [b"latin1-\xe9.txt", b"z.txt", b"locked.txt"]:
+            with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+                f.write(b"x")
+        os.makedirs(os.path.join(os.fsencode(folder), b"dir-\xff"))
+        with open(os.path.join(os.fsencode(folder), b"dir-\xff", b"inside.txt"), "wb") as f:
+            f.write(b"x")
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(folder, "sock"))
+        access = os.access
+        self.patch(os, "access", lambda path, mode, **kw: not os.fspath(path).endswith("locked.txt")
+                   and access(path, mode, **kw))
+        warnings: list[str] = []
+        names, errors = split(collectFiles([folder], True, warnings.append))
+        self.assertEqual(names, ["folder/a.txt", "folder/z.txt", "folder/sub/b.txt"])
+        self.assertEqual(len(errors), 3, errors)
+        self.assertRegex(errors[0], r"latin1-\S+\.txt: its name is not valid UTF-8")
+        self.assertIn("locked.txt: Permission denied", errors[1])
+        self.assertRegex(errors[2], r"dir-\S+: its name is not valid UTF-8 \(nothing in it is sent\)")
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("sock: not a regular file", warnings[0])
+
+    def test_unreadableFolderDoesNotStopTheRest(self) -> None:
+        """A folder that cannot be listed is one problem; its siblings are still sent."""
+        scandir = os.scandir
+        sub = os.path.join(self.top, "folder", "sub")
+
+        def failing(path: Any) -> Any:
+            if path == sub:
+                raise PermissionError(13, "Permission denied", path)
+            return scandir(path)
+
+        self.patch(os, "scandir", failing)
+        names, errors = split(collectFiles([os.path.join(self.top, "folder")], True))
+        self.assertEqual(names, ["folder/a.txt"])
+        self.assertEqual(len(errors), 1)
+        self.assertIn("cannot read the folder", errors[0])
 
     def test_missing(self) -> None:
-        with self.assertRaises(LocalFileError):
-            collectFiles([os.path.join(self.top, "nope")], False)
+        """A missing path is a problem in its place, not an exception."""
+        names, errors = split(collectFiles([os.path.join(self.top, "nope"), os.path.join(self.top, "plain.txt")],
+                                           False))
+        self.assertEqual(names, ["plain.txt"])
+        self.assertIn("nope", errors[0])
 
     def test_unsendableNames(self) -> None:
+        """Names with line breaks or not in UTF-8 are refused, in a printable line."""
         for name in ["line\nbreak", "carriage\r", os.fsdecode(b"latin1-\xe9")]:
             path = os.path.join(self.top, name)
             with open(path, "wb") as f:
                 f.write(b"x")
-            with self.subTest(name=name), self.assertRaises(LocalFileError) as caught:
-                collectFiles([path], False)
-            self.assertTrue(str(caught.exception).isprintable())
+            with self.subTest(name=name):
+                [problem] = collectFiles([path], False)
+                self.assertIsInstance(problem, LocalFileError)
+                self.assertTrue(str(problem).isprintable())
 
     def test_oddNamesKept(self) -> None:
+        """Ordinary odd names go as they are."""
         path = os.path.join(self.top, "звіт (1) [final].txt")
         with open(path, "wb") as f:
             f.write(b"x")
-        self.assertEqual(collectFiles([path], False)[0].name, "звіт (1) [final].txt")
+        item = collectFiles([path], False)[0]
+        assert isinstance(item, Item)
+        self.assertEqual(item.name, "звіт (1) [final].txt")
 
 
 class ServerOptionsTests(SynchronousTestCase):
