@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, INegotiated, IPushProducer, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -84,9 +84,16 @@ class InputGate:
         self.source.stopProducing()
 
 
+def handshakeTimedOut(seconds: float) -> TimedOut:
+    return TimedOut(f"the TLS handshake with the server did not finish in {seconds:g}s: "
+                    "is it a TLS server, and reachable? (--timeout)")
+
+
+@implementer(IHandshakeListener)
 class EchoClient(Protocol):
     """Sends lines, hands everything received to ``output`` (one call per read), and fires
-    ``done`` once input has ended and every line sent has come back."""
+    ``done`` once input has ended and every line sent has come back. Over TLS, a handshake
+    that does not finish within ``timeout`` fails it too (in a chat, before any input ends)."""
 
     def __init__(self, output: Output, clock: IReactorTime, timeout: float) -> None:
         self.output = output
@@ -101,6 +108,30 @@ class EchoClient(Protocol):
         self.input: InputGate | None = None
         self._lines = LineBuffer()
         self._timer: IDelayedCall | None = None
+        self.tls = False
+        self.handshakeDone = False
+        self._handshakeTimer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.tls = INegotiated.providedBy(self.transport)
+        if self.tls:
+            self._handshakeTimer = self.clock.callLater(self.timeout, self._handshakeTimedOut)
+
+    def handshakeCompleted(self) -> None:
+        self.handshakeDone = True
+        self._cancelHandshakeTimer()
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        if not self.done.called:
+            self._cancelTimer()
+            self.done.errback(handshakeTimedOut(self.timeout))
+        self.transport.abortConnection()
+
+    def _cancelHandshakeTimer(self) -> None:
+        if self._handshakeTimer is not None and self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        self._handshakeTimer = None
 
     def readFrom(self, source: IPushProducer) -> None:
         """Pace ``source`` (the producer feeding ``sendLines``): paused while the socket is
@@ -143,6 +174,7 @@ class EchoClient(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelTimer()
+        self._cancelHandshakeTimer()
         if not self.done.called:
             due = len(self.pending)
             if not due and (self.inputEnded or (self.quitSent and reason is not None and reason.check(ConnectionDone))):
@@ -166,6 +198,11 @@ class EchoClient(Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
+        if self.tls and not self.handshakeDone:
+            self._cancelHandshakeTimer()
+            self.done.errback(handshakeTimedOut(self.timeout))
+            self.transport.abortConnection()
+            return
         due = len(self.pending)
         self.done.errback(TimedOut(f"no echo for {self.timeout:g}s with {due} line{'s' if due != 1 else ''} still due"))
         self.transport.abortConnection()

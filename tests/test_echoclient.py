@@ -10,10 +10,12 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from tcplab.echoclient import MAX_PENDING_BYTES, MAX_PENDING_LINES, EchoClient, InputLines, LineBuffer
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut
@@ -85,6 +87,50 @@ class EchoClientTests(unittest.TestCase):
         self.assertTrue(client.inputEnded)
         client.dataReceived(b"one\ntwo\nthree\n")
         self.successResultOf(client.done)
+
+
+@implementer(INegotiated)
+class TLSTransport(StringTransport):
+    """A StringTransport that says it is TLS, as Twisted's TLS wrapper does."""
+
+
+class HandshakeTests(unittest.TestCase):
+    def connect(self, timeout: float = 2) -> tuple[EchoClient, TLSTransport, Clock]:
+        clock = Clock()
+        client = EchoClient([].append, clock, timeout)
+        transport = TLSTransport()
+        client.makeConnection(transport)
+        return client, transport, clock
+
+    def test_stalledHandshakeIsNamed(self) -> None:
+        """A TLS handshake that never finishes is reported as such, not as "no echo"."""
+        client, transport, clock = self.connect()
+        client.sendLines([b"hi"])
+        client.endInput()
+        clock.advance(2)
+        failure = self.failureResultOf(client.done, TimedOut)
+        self.assertIn("TLS handshake", str(failure.value))
+        self.assertNotIn("echo", str(failure.value))
+        self.assertTrue(transport.disconnecting)
+
+    def test_stalledHandshakeEndsAChatToo(self) -> None:
+        """With input still open (a chat), a stalled handshake times out after --timeout."""
+        client, transport, clock = self.connect()
+        clock.advance(1.9)
+        self.assertNoResult(client.done)
+        clock.advance(0.2)
+        self.assertIn("TLS handshake", str(self.failureResultOf(client.done, TimedOut).value))
+
+    def test_afterTheHandshakeItIsNoEcho(self) -> None:
+        """Once the handshake is done, a silent server is "no echo" as over plain TCP."""
+        client, transport, clock = self.connect()
+        client.handshakeCompleted()
+        clock.advance(5)
+        self.assertNoResult(client.done)
+        client.sendLines([b"hi"])
+        client.endInput()
+        clock.advance(2)
+        self.assertIn("no echo for 2s", str(self.failureResultOf(client.done, TimedOut).value))
 
 
 class FakeInput:
@@ -224,6 +270,17 @@ class CommandTests(unittest.TestCase):
             result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
         self.assertEqual(result.returncode, ExitCode.TIMEOUT)
         self.assertIn(b"no echo for 0.5s", result.stderr)
+
+    def test_stalledTLSHandshake(self) -> None:
+        """``--tls`` to a server that accepts and never answers: exit 5 with a line naming the handshake."""
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            port = silent.getsockname()[1]
+            result = runTcplab("echo", "--tls", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
+        self.assertEqual(result.returncode, ExitCode.TIMEOUT, result.stderr)
+        self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
+        self.assertIn(b"TLS handshake", result.stderr)
 
     def test_connectionLost(self) -> None:
         """A server that accepts and hangs up at once: exit LOST."""

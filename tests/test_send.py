@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import twisted.test
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
+from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -22,6 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import directlyProvides
 
 from tcplab.cli.send import Item, collectFiles
 from tcplab.errors import (
@@ -32,7 +36,7 @@ from tcplab.errors import (
     TimedOut,
     VerificationFailed,
 )
-from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode
+from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode, unsentBytes
 from tcplab.filewire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
 from tcplab.tap import file as filetap
 from tests.support import scratch
@@ -390,6 +394,27 @@ class FlowTests(LoopbackTestCase):
         self.assertIn("became a symlink", str(caught.exception))
         self.assertEqual(self.visible(), [])
 
+    async def test_slowSteadyLinkDoesNotTimeOut(self) -> None:
+        """Over a real socket to a server that takes the body in bursts, the upload outlasts --timeout and succeeds."""
+        data = os.urandom(4 << 20)
+        path = self.source("slow.bin", data)
+        server = SlowReader(burst=512 << 10, pause=0.3)
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def connect() -> Deferred[Any]:
+            client = FileSender(reactor, 1.5)
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+            return endpoint.connect(Factory.forProtocol(lambda: client))
+
+        uploader = Uploader(connect)
+        self.addCleanup(lambda: ensureDeferred(uploader.close()))
+        started = time.monotonic()
+        sent = await uploader.send(path, "slow.bin")
+        self.assertEqual(sent.sha256, sha(data))
+        self.assertGreater(time.monotonic() - started, 1.5, "the transfer took longer than --timeout")
+        self.assertEqual(server.body, len(data))
+
     async def test_ncOneLiner(self) -> None:
         """The README's shell one-liner uploads a file with nothing but printf, cat and ncat."""
         if shutil.which("ncat") is None:
@@ -401,6 +426,40 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(out, f"OK {len(LAB_TEXT)} {sha(LAB_TEXT)} received_f.txt\n".encode())
         self.assertEqual(self.stored("received_f.txt"), LAB_TEXT)
+
+
+class SlowReader(Protocol):
+    """A tcplab-file server on a slow link: takes ``burst`` bytes, then reads nothing for
+    ``pause`` seconds; answers OK with the SHA-256 of what it received."""
+
+    def __init__(self, burst: int, pause: float) -> None:
+        self.burst, self.pause = burst, pause
+        self.buffer = b""
+        self.size: int | None = None
+        self.body = 0
+        self.inBurst = 0
+        self.hasher = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size is None:
+            self.buffer += data
+            line, newline, data = self.buffer.partition(b"\n")
+            if not newline:
+                return
+            self.size, self.buffer = int(line.split()[2]), b""  # PUT sha256=trailer SIZE NAME
+        body = data[: self.size - self.body]
+        self.hasher.update(body)
+        self.body += len(body)
+        if self.body >= self.size:
+            self.buffer += data[len(body):]
+            if self.buffer.endswith(b"\n"):
+                self.transport.write(formatOk(self.size, self.hasher.hexdigest(), "received_slow.bin"))
+            return
+        self.inBurst += len(data)
+        if self.inBurst >= self.burst:
+            self.inBurst = 0
+            self.transport.pauseProducing()
+            reactor.callLater(self.pause, self.transport.resumeProducing)
 
 
 class FakeServer(Protocol):
@@ -591,6 +650,19 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(err.count("already exists"), 2)
         self.assertIn("2 of 2", err)
 
+    async def test_stalledTLSHandshake(self) -> None:
+        """``send --tls`` to a server that never answers the handshake: exit 5, a line naming the handshake."""
+        self.source("a", b"x")
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        _, err, code = await self.run_("--tls", "--host", "127.0.0.1", "--port", str(silent.getsockname()[1]),
+                                       "--timeout", "0.5", "a")
+        self.assertEqual(code, 5, err)
+        self.assertIn("TLS handshake", err)
+        self.assertNotIn("no progress", err)
+
     async def test_interrupted(self) -> None:
         """Ctrl-C is never success."""
         self.source("a", b"abc")
@@ -685,6 +757,88 @@ class ClientProtocolTests(SynchronousTestCase):
         self.clock.advance(1)
         self.failureResultOf(d, TimedOut)
         self.assertTrue(self.transport.disconnecting)
+
+    def slowLink(self, size: int) -> tuple[Deferred[Any], list[int]]:
+        """A PUT of ``size`` bytes whose every byte the transport takes at once (as a socket
+        buffer of megabytes does) and of which only ``arrived[0]`` have reached the server."""
+        path = os.path.join(scratch(self), "big")
+        with open(path, "wb") as f:
+            f.write(b"x" * size)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        arrived = [0]
+        self.client = FileSender(self.clock, 10, chunkSize=1 << 20,
+                                 unsent=lambda transport: len(transport.value()) - arrived[0])
+        self.client.makeConnection(self.transport)
+        d = self.client.put(formatPut(size, "big", trailer=True), "big", fd, 0, size, self.hasher, "big")
+        return d, arrived
+
+    def test_timeoutCountsOnlyTimeWithoutProgress(self) -> None:
+        """An upload whose bytes reach the server every 6 s for 24 s does not time out with --timeout 10."""
+        size = 4 << 20
+        d, arrived = self.slowLink(size)
+        for _ in range(4):
+            self.clock.pump([0.5] * 12)
+            self.assertNoResult(d)
+            arrived[0] += size // 4
+        self.clock.pump([0.5] * 12)
+        self.client.dataReceived(formatOk(size, sha(b"x" * size), "received_big"))
+        self.assertEqual(self.successResultOf(d).size, size)
+
+    def test_stalledUploadTimesOut(self) -> None:
+        """An upload whose bytes stop reaching the server times out --timeout after the last progress."""
+        size = 4 << 20
+        d, arrived = self.slowLink(size)
+        self.clock.pump([0.5] * 12)
+        arrived[0] += size // 2
+        self.clock.pump([0.5] * 19)
+        self.assertNoResult(d)
+        self.clock.pump([0.5] * 4)
+        failure = self.failureResultOf(d, TimedOut)
+        self.assertIn("no progress for 10s while sending big", str(failure.value))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_unsentBytesOfARealSocket(self) -> None:
+        """``unsentBytes`` sees bytes waiting in the kernel for a peer that does not read, and none once read."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        server, _ = listener.accept()
+        self.addCleanup(server.close)
+
+        class Transport:
+            dataBuffer, offset, _tempDataLen = b"12345", 2, 4
+
+            def getHandle(self) -> socket.socket:
+                return client
+
+        client.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(10_000):
+                sent += client.send(b"x" * 65536)
+        self.assertGreater(unsentBytes(Transport()), 7 + 65536, "the peer's window is full")
+        server.settimeout(5)
+        received = 0
+        deadline = time.monotonic() + 10
+        while (received < sent or unsentBytes(Transport()) > 7) and time.monotonic() < deadline:
+            received += len(server.recv(1 << 20))
+        self.assertEqual(unsentBytes(Transport()), 7)
+
+    def test_stalledHandshakeIsNamed(self) -> None:
+        """Over TLS, a timeout before the handshake finished says so; after it, it is "no progress"."""
+        for handshaken, expected in [(False, "TLS handshake"), (True, "no progress")]:
+            with self.subTest(handshaken=handshaken):
+                transport = StringTransport()
+                directlyProvides(transport, INegotiated)
+                self.reconnect(transport)
+                if handshaken:
+                    self.client.handshakeCompleted()
+                d = self.put()
+                self.clock.pump([1] * 11)
+                self.assertIn(expected, str(self.failureResultOf(d, TimedOut).value))
 
     def test_connectionLost(self) -> None:
         d = self.put()
