@@ -7,7 +7,7 @@ toward "done".
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
@@ -17,7 +17,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut, tlsFailure
+from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut, VerificationFailed, tlsFailure
 
 Output = Callable[[bytes], None]
 
@@ -234,8 +234,10 @@ class InputLines(Protocol):
 
 
 class UDPEchoClient(DatagramProtocol):
-    """Sends each message as one datagram to a connected address and fires
-    ``done`` once as many replies came back (UDP may reorder; each reply is printed)."""
+    """Sends each message as one datagram to a connected address and fires ``done`` once
+    each has come back, byte for byte (UDP may reorder and duplicate: order is free, a
+    duplicate is ignored). A reply that is not one of the messages due, e.g. one cut short
+    by a server's receive buffer, fails ``done`` with VerificationFailed."""
 
     def __init__(self, messages: list[bytes], output: Output, clock: IReactorTime, timeout: float) -> None:
         self.messages = messages
@@ -244,6 +246,7 @@ class UDPEchoClient(DatagramProtocol):
         self.timeout = timeout
         self.done: Deferred[None] = Deferred()
         self.replies = 0
+        self.due = Counter(messages)
         self._timer: IDelayedCall | None = None
 
     def send(self) -> None:
@@ -257,10 +260,24 @@ class UDPEchoClient(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr: object) -> None:  # type: ignore[override]
         if self.done.called:
             return
+        if self.due[datagram] <= 0:
+            if datagram not in self.due:
+                self._stop()
+                self.done.errback(self._mismatch(datagram))
+            return  # a duplicate of one already answered
+        self.due[datagram] -= 1
         self.replies += 1
         self.output(datagram if datagram.endswith(b"\n") else datagram + b"\n")
         if self.replies >= len(self.messages):
             self._finish()
+
+    def _mismatch(self, reply: bytes) -> VerificationFailed:
+        for message, count in self.due.items():
+            if count > 0 and len(reply) < len(message) and message.startswith(reply):
+                return VerificationFailed(f"a UDP reply came back truncated: {len(reply)} of {len(message)} bytes "
+                                          "(does the server read datagrams that large?)")
+        return VerificationFailed(f"a UDP reply of {len(reply)} bytes is not any message sent: "
+                                  "the server changed it (is it an echo server?)")
 
     def doStop(self) -> None:
         """Twisted's epoll reactor drops a connected UDP port on ICMP port-unreachable

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +18,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from tcplab.echoclient import MAX_PENDING_BYTES, MAX_PENDING_LINES, EchoClient, InputLines, LineBuffer
-from tcplab.errors import ConnectionLostError, ExitCode, TimedOut
+from tcplab.echoclient import (
+    MAX_PENDING_BYTES,
+    MAX_PENDING_LINES,
+    EchoClient,
+    InputLines,
+    LineBuffer,
+    UDPEchoClient,
+)
+from tcplab.errors import ConnectionLostError, ExitCode, TimedOut, VerificationFailed
 from tests.support import TCPLAB, ServerProcess, childEnv, runTcplab
 
 
@@ -133,6 +141,52 @@ class HandshakeTests(unittest.TestCase):
         self.assertIn("no echo for 2s", str(self.failureResultOf(client.done, TimedOut).value))
 
 
+class FakeDatagramTransport:
+    """Records the datagrams a DatagramProtocol writes."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, datagram: bytes) -> None:
+        self.sent.append(datagram)
+
+
+class UDPClientTests(unittest.TestCase):
+    def start(self, *messages: bytes) -> tuple[UDPEchoClient, list[bytes]]:
+        out: list[bytes] = []
+        client = UDPEchoClient(list(messages), out.append, Clock(), 5)
+        client.transport = FakeDatagramTransport()  # type: ignore[assignment]
+        client.send()
+        return client, out
+
+    def test_truncatedReplyIsVerificationFailed(self) -> None:
+        """A 10000-byte message answered with its first 8192 bytes is exit 9, not success."""
+        message = bytes(range(256)) * 39 + b"x" * 16
+        client, out = self.start(message)
+        client.datagramReceived(message[:8192], ("127.0.0.1", 7000))
+        failure = self.failureResultOf(client.done, VerificationFailed)
+        self.assertEqual(failure.value.code, ExitCode.VERIFY)
+        self.assertIn("truncated: 8192 of 10000 bytes", str(failure.value))
+        self.assertEqual(out, [])
+
+    def test_differentReplyIsVerificationFailed(self) -> None:
+        """A reply that is not one of the messages sent fails, even if as long."""
+        client, out = self.start(b"ping", b"pong")
+        client.datagramReceived(b"ping", ("127.0.0.1", 7000))
+        client.datagramReceived(b"PONG", ("127.0.0.1", 7000))
+        self.assertIn("not any message sent", str(self.failureResultOf(client.done, VerificationFailed).value))
+
+    def test_reorderedAndDuplicatedRepliesPass(self) -> None:
+        """UDP may reorder and duplicate: each message back once, in any order, is success."""
+        client, out = self.start(b"a", b"b", b"a")
+        for reply in [b"b", b"b", b"a"]:
+            client.datagramReceived(reply, ("127.0.0.1", 7000))
+        self.assertNoResult(client.done)
+        client.datagramReceived(b"a", ("127.0.0.1", 7000))
+        self.successResultOf(client.done)
+        self.assertEqual(out, [b"b\n", b"a\n", b"a\n"])
+
+
 class FakeInput:
     """Stands for stdin's producer: records whether it is paused."""
 
@@ -203,6 +257,36 @@ class QuitTests(unittest.TestCase):
         self.failureResultOf(client.done, ConnectionLostError)
 
 
+class UDPEcho:
+    """A UDP echo server in a thread that sends back at most ``limit`` bytes of each datagram."""
+
+    def __init__(self, limit: int = 65535) -> None:
+        self.limit = limit
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.settimeout(0.1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self.stopped.is_set() and time.monotonic() < deadline:
+            try:
+                data, peer = self.socket.recvfrom(65535)
+            except TimeoutError:
+                continue
+            self.socket.sendto(data[: self.limit], peer)
+
+    def __enter__(self) -> int:
+        self.thread.start()
+        return int(self.socket.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.socket.close()
+
+
 class CommandTests(unittest.TestCase):
     """``tcplab echo`` as a user runs it, against ``twistd -n tcplab-echo``."""
 
@@ -237,6 +321,24 @@ class CommandTests(unittest.TestCase):
                            input=b"one\ntwo\n")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), [b"one", b"two"])
+
+    def test_udpTruncatedReplyExits9(self) -> None:
+        """``echo --udp`` of 10000 bytes to a server that returns 8192 of them: exit 9 and one line."""
+        with UDPEcho(limit=8192) as port:
+            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "x" * 10000)
+        self.assertEqual(result.returncode, ExitCode.VERIFY, result.stderr)
+        self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
+        self.assertIn(b"truncated: 8192 of 10000 bytes", result.stderr)
+
+    def test_udpLargestDatagram(self) -> None:
+        """A 65507-byte message goes as one datagram and its whole echo is read; one byte more is exit 2."""
+        with UDPEcho() as port:
+            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65507)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stdout, b"y" * 65507 + b"\n")
+            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65508)
+        self.assertEqual(result.returncode, ExitCode.USAGE, result.stderr)
+        self.assertIn(b"at most 65507 bytes", result.stderr)
 
     def test_udpRefused(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

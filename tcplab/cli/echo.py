@@ -12,6 +12,8 @@ from tcplab.errors import ConnectFailed, UsageProblem
 
 #: With --udp, stdin is read whole before the datagrams go (each line one datagram).
 MAX_UDP_INPUT = 1 << 20
+#: The largest UDP payload over IPv4 (65535 less the IP and UDP headers).
+MAX_DATAGRAM = 65507
 
 
 class Options(ClientOptions):
@@ -57,6 +59,9 @@ async def _runUDP(reactor: object, options: Options) -> None:
         if len(data) > MAX_UDP_INPUT:
             raise UsageProblem(f"with --udp, stdin may hold at most {MAX_UDP_INPUT} bytes (one datagram a line)")
         messages = [line for line in data.split(b"\n") if line]
+    longest = max(map(len, messages), default=0)
+    if longest > MAX_DATAGRAM:
+        raise UsageProblem(f"a UDP message may be at most {MAX_DATAGRAM} bytes (one has {longest}): use TCP for more")
     try:
         infos = socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_DGRAM)
     except socket.gaierror as e:
@@ -65,7 +70,8 @@ async def _runUDP(reactor: object, options: Options) -> None:
     family, _, _, _, address = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
     client = UDPEchoClient(messages, writeStdout, reactor, options["timeout"])  # type: ignore[arg-type]
     interface = "::" if family == socket.AF_INET6 else ""
-    port = reactor.listenUDP(0, client, interface=interface)  # type: ignore[attr-defined]
+    # Twisted reads at most 8192 bytes of a datagram by default: a longer echo would pass for truncated.
+    port = reactor.listenUDP(0, client, interface=interface, maxPacketSize=MAX_DATAGRAM + 1)  # type: ignore[attr-defined]
     port.connect(address[0], address[1])
     client.send()
     try:
