@@ -25,27 +25,42 @@ Output = Callable[[bytes], None]
 #: below half of that. A server that reads but does not echo cannot grow the client.
 MAX_PENDING_LINES = 10_000
 MAX_PENDING_BYTES = 16 << 20
+#: The most of an unfinished line from the server that is kept to compare with the echoes due,
+#: if no echo due is longer: tcplab-multi's own --max-line. Past it the line cannot be an echo.
+MAX_UNMATCHED_LINE = 64 << 10
 
 
 class LineBuffer:
     """Splits a byte stream into lines, looking at each byte once (no rescans of a long
-    unfinished line)."""
+    unfinished line). With a ``limit``, an unfinished line that grows past it is dropped, and
+    the rest of it up to its newline skipped (``overlong`` meanwhile): memory stays bounded."""
 
     def __init__(self) -> None:
         self.partial = bytearray()
+        self.overlong = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, limit: int | None = None) -> bytes:
         """The complete lines that ``data`` finishes, newlines included (b"" if none)."""
+        if self.overlong:
+            skip = data.find(b"\n")
+            if skip < 0:
+                return b""
+            self.overlong = False
+            data = data[skip + 1 :]
         end = data.rfind(b"\n")
         if end < 0:
+            block = b""
             self.partial += data
-            return b""
-        if self.partial:
-            block = bytes(self.partial) + data[: end + 1]
-            self.partial = bytearray()
         else:
-            block = data[: end + 1]
-        self.partial += data[end + 1 :]
+            if self.partial:
+                block = bytes(self.partial) + data[: end + 1]
+                self.partial = bytearray()
+            else:
+                block = data[: end + 1]
+            self.partial += data[end + 1 :]
+        if limit is not None and len(self.partial) > limit:
+            self.partial = bytearray()
+            self.overlong = True
         return block
 
     def flush(self) -> bytes:
@@ -95,10 +110,14 @@ class EchoClient(Protocol):
     ``done`` once input has ended and every line sent has come back. Over TLS, a handshake
     that does not finish within ``timeout`` fails it too (in a chat, before any input ends)."""
 
-    def __init__(self, output: Output, clock: IReactorTime, timeout: float) -> None:
+    def __init__(self, output: Output, clock: IReactorTime, timeout: float,
+                 notice: Callable[[str], None] | None = None) -> None:
         self.output = output
         self.clock = clock
         self.timeout = timeout
+        self.notice = notice
+        self.noticed = False
+        self.longestDue = 0
         self.done: Deferred[None] = Deferred()
         self.pending: deque[bytes] = deque()
         self.pendingBytes = 0
@@ -147,6 +166,7 @@ class EchoClient(Protocol):
         lines = list(lines)
         self.pending.extend(lines)
         self.pendingBytes += sum(map(len, lines))
+        self.longestDue = max(self.longestDue, max(map(len, lines), default=0))
         self.quitSent = self.quitSent or any(line.rstrip(b"\r") == b"/quit" for line in lines)
         self.transport.write(b"".join(line + b"\n" for line in lines))
         if self.input is not None and (len(self.pending) > MAX_PENDING_LINES or self.pendingBytes > MAX_PENDING_BYTES):
@@ -158,8 +178,17 @@ class EchoClient(Protocol):
         self._check()
 
     def dataReceived(self, data: bytes) -> None:
+        """Print ``data``; count the echoes it completes. An unfinished line longer than any
+        echo due (and than MAX_UNMATCHED_LINE) is printed but not kept, and its bytes are no
+        progress: a server sending an endless line holds neither memory nor the client."""
         self.output(data)
-        block = self._lines.feed(data)
+        limit = max(self.longestDue, MAX_UNMATCHED_LINE)
+        block = self._lines.feed(data, limit)
+        if self._lines.overlong and not self.noticed:
+            self.noticed = True
+            if self.notice is not None:
+                self.notice(f"the server is sending a line of more than {limit} bytes that is no echo: "
+                            "printing it without keeping it")
         if block:
             lines = block[:-1].split(b"\n")
             self.received += len(lines)
@@ -167,10 +196,12 @@ class EchoClient(Protocol):
             for line in lines:
                 if pending and pending[0] == line:
                     self.pendingBytes -= len(pending.popleft())
+            if not pending:
+                self.longestDue = 0
             if (self.input is not None and len(pending) <= MAX_PENDING_LINES // 2
                     and self.pendingBytes <= MAX_PENDING_BYTES // 2):
                 self.input.release("echoes due")
-        self._check(progress=True)
+        self._check(progress=bool(block) or not self._lines.overlong)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelTimer()

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from tcplab.echoclient import (
     MAX_PENDING_BYTES,
     MAX_PENDING_LINES,
+    MAX_UNMATCHED_LINE,
     EchoClient,
     InputLines,
     LineBuffer,
@@ -238,6 +239,85 @@ class LineBufferTests(unittest.TestCase):
         whole = b"".join(chunks)
         self.assertEqual(blocks + buffer.flush(), whole)
         self.assertEqual(blocks, whole[: whole.rfind(b"\n") + 1])
+
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(
+        [b"", b"\n", b"a", b"ab", b"abc\n", b"abcdefgh", b"x\ny", b"\n\n", b"abcdefghij\nk"]), max_size=30),
+        st.integers(min_value=0, max_value=12))
+    def test_limitDropsOnlyOverlongLines(self, chunks: list[bytes], limit: int) -> None:
+        """With a limit, whatever the chunks: at most ``limit`` bytes are held, every line within it
+        comes out, and nothing comes out that was not a whole line of the stream."""
+        buffer = LineBuffer()
+        blocks = []
+        for chunk in chunks:
+            blocks.append(buffer.feed(chunk, limit))
+            self.assertLessEqual(len(buffer.partial), limit)
+        whole = b"".join(chunks)
+        lines = whole[: whole.rfind(b"\n") + 1].split(b"\n")[:-1]
+        out = b"".join(blocks).split(b"\n")[:-1]
+        it = iter(out)
+        pending = next(it, None)
+        for line in lines:
+            if pending is not None and line == pending:
+                pending = next(it, None)
+            else:
+                self.assertGreater(len(line), limit, f"{line!r} was dropped")
+        self.assertIsNone(pending, "a line came out that was not in the stream")
+
+
+class EndlessLineTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.notices: list[str] = []
+        self.printed = 0
+        self.clock = Clock()
+        self.client = EchoClient(self.count, self.clock, 5, self.notices.append)
+        self.client.makeConnection(StringTransport())
+        self.client.sendLines([b"hello"])
+        self.client.endInput()
+
+    def count(self, data: bytes) -> None:
+        self.printed += len(data)
+
+    def stream(self, mib: int) -> int:
+        """Feed ``mib`` MiB of one line without a newline, a second's worth per MiB; the most held."""
+        chunk = b"x" * (64 << 10)
+        held = 0
+        for _ in range(mib * 16):
+            self.client.dataReceived(chunk)
+            held = max(held, len(self.client._lines.partial))
+            self.clock.advance(1 / 16)
+        return held
+
+    def test_endlessLineIsNotKept(self) -> None:
+        """40 MiB of a line without a newline: all printed, at most 64 KiB held, one notice, then the timeout."""
+        held = self.stream(4)
+        self.assertNoResult(self.client.done)
+        held = max(held, self.stream(36))
+        self.assertLessEqual(held, MAX_UNMATCHED_LINE)
+        self.assertEqual(self.printed, 40 << 20)
+        self.assertEqual(len(self.notices), 1)
+        self.assertIn("more than 65536 bytes", self.notices[0])
+        self.failureResultOf(self.client.done, TimedOut)
+
+    def test_echoAfterAnOverlongLineCounts(self) -> None:
+        """Once the overlong line ends, the echo that follows is recognised (its tail is never taken for one)."""
+        self.stream(1)
+        self.client.dataReceived(b"hello\n")
+        self.assertNoResult(self.client.done)
+        self.client.dataReceived(b"hello\n")
+        self.successResultOf(self.client.done)
+
+    def test_longEchoIsStillKept(self) -> None:
+        """An echo longer than 64 KiB, arriving in pieces, is held whole and recognised."""
+        line = b"y" * (1 << 20)
+        self.client.sendLines([line])
+        self.client.dataReceived(b"hello\n")
+        for i in range(0, len(line), 1000):
+            self.client.dataReceived(line[i : i + 1000])
+        self.client.dataReceived(b"\n")
+        self.successResultOf(self.client.done)
+        self.assertEqual(self.notices, [])
 
 
 class QuitTests(unittest.TestCase):

@@ -40,7 +40,7 @@ async def run(reactor: object, options: Options) -> None:
     if options["udp"]:
         await _runUDP(reactor, options)
         return
-    client = EchoClient(writeStdout, reactor, options["timeout"])  # type: ignore[arg-type]
+    client = EchoClient(writeStdout, reactor, options["timeout"], _notice)  # type: ignore[arg-type]
     await connect(reactor, options, client)
     if options["messages"]:
         client.sendLines(options["messages"])
@@ -48,6 +48,10 @@ async def run(reactor: object, options: Options) -> None:
     else:
         client.readFrom(readStdin(reactor, InputLines(client)))
     await client.done
+
+
+def _notice(text: str) -> None:
+    print(f"tcplab: {text}", file=sys.stderr, flush=True)
 
 
 async def _runUDP(reactor: object, options: Options) -> None:
