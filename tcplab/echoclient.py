@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut, VerificationFailed, tlsFailure
+from tcplab.escaping import showable
 
 Output = Callable[[bytes], None]
 
@@ -67,6 +68,41 @@ class LineBuffer:
         """What is left of an unfinished line."""
         rest, self.partial = bytes(self.partial), bytearray()
         return rest
+
+
+class TerminalText:
+    """What a server sends, made safe to show on a terminal read by read: controls, escape
+    sequences, CR, bidi and invisible characters are escaped (``showable``; backslashes stay,
+    as the hub's lines are escaped already), CRLF line ends stay. A character or a CRLF split
+    between two reads is held back (at most 3 bytes) until the next one."""
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self.held + data
+        cut = len(data) - _unfinished(data)
+        data, self.held = data[:cut], data[cut:]
+        return b"\r\n".join(map(showable, data.split(b"\r\n")))
+
+    def flush(self) -> bytes:
+        """What is held back, at the end of the connection."""
+        rest, self.held = self.held, b""
+        return showable(rest)
+
+
+def _unfinished(data: bytes) -> int:
+    """How many bytes at the end of ``data`` may be the start of a CRLF or a UTF-8 character."""
+    if data.endswith(b"\r"):
+        return 1
+    for back in range(1, min(3, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return 0
+        if byte >= 0xC0:
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return back if back < need else 0
+    return 0
 
 
 @implementer(IPushProducer)

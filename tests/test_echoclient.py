@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import signal
 import socket
 import subprocess
 import threading
 import time
+import tty
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +29,7 @@ from tcplab.echoclient import (
     EchoClient,
     InputLines,
     LineBuffer,
+    TerminalText,
     UDPEchoClient,
 )
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut, VerificationFailed
@@ -320,6 +325,35 @@ class EndlessLineTests(unittest.TestCase):
         self.assertEqual(self.notices, [])
 
 
+HOSTILE = b"\x1b]0;title\x07\x1b[2J\r* fake notice\n\xe2\x80\xaeevil \\x41 caf\xc3\xa9\r\n"
+
+
+class TerminalTextTests(unittest.TestCase):
+    def test_controlsEscapedBackslashesKept(self) -> None:
+        """A title change, a screen clear, a bare CR and a bidi override are escaped; a backslash is not doubled."""
+        shown = TerminalText().feed(HOSTILE)
+        self.assertEqual(shown, b"\\x1b]0;title\\x07\\x1b[2J\\x0d* fake notice\n\\u202eevil \\x41 caf\xc3\xa9\r\n")
+        for unsafe in (b"\x1b", b"\x07", b"\r*", b"\xe2\x80\xae"):
+            self.assertNotIn(unsafe, shown)
+
+    def test_sameWhateverTheSplit(self) -> None:
+        """Split at every byte, in two reads or one byte a read, the terminal shows the same (UTF-8 and CRLF kept)."""
+        whole = TerminalText().feed(HOSTILE)
+        for cut in range(len(HOSTILE) + 1):
+            terminal = TerminalText()
+            self.assertEqual(terminal.feed(HOSTILE[:cut]) + terminal.feed(HOSTILE[cut:]) + terminal.flush(), whole, cut)
+        terminal = TerminalText()
+        self.assertEqual(b"".join(terminal.feed(HOSTILE[i : i + 1]) for i in range(len(HOSTILE))), whole)
+
+    def test_unfinishedCharacterAtTheEndIsShownEscaped(self) -> None:
+        """A connection that ends inside a character or after a CR shows those bytes escaped, never raw."""
+        terminal = TerminalText()
+        self.assertEqual(terminal.feed(b"ok\xe2\x80"), b"ok")
+        self.assertEqual(terminal.flush(), b"\\xe2\\x80")
+        terminal = TerminalText()
+        self.assertEqual(terminal.feed(b"ok\r") + terminal.flush(), b"ok\\x0d")
+
+
 class QuitTests(unittest.TestCase):
     def test_quitThenCloseIsSuccess(self) -> None:
         """In a chat, /quit makes the server close the connection: that is how it should end."""
@@ -463,6 +497,53 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(result.returncode, ExitCode.TIMEOUT, result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
         self.assertIn(b"TLS handshake", result.stderr)
+
+    def hostileServer(self) -> tuple[int, threading.Thread, socket.socket]:
+        """A server that answers ``hi`` with terminal tricks before the echo, then hangs up."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(10)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(100)
+                conn.sendall(HOSTILE + b"hi\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        return listener.getsockname()[1], thread, listener
+
+    def test_terminalOutputIsEscaped(self) -> None:
+        """On a terminal, what a server sends is shown escaped: no ESC, bare CR or bidi reaches it."""
+        port, thread, _ = self.hostileServer()
+        primary, secondary = pty.openpty()
+        tty.setraw(secondary)  # so the terminal adds no CRs of its own
+        self.addCleanup(os.close, primary)
+        with os.fdopen(secondary, "wb") as terminal:
+            result = subprocess.run([*TCPLAB, "echo", "--host", "127.0.0.1", "--port", str(port), "hi"],
+                                    stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE,
+                                    env=childEnv(), timeout=30)
+        thread.join(5)
+        shown = b""
+        while select.select([primary], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(shown, TerminalText().feed(HOSTILE) + b"hi\n")
+
+    def test_pipedOutputIsByteExact(self) -> None:
+        """Into a pipe, what the server sends is passed on byte for byte, escapes and all."""
+        port, thread, _ = self.hostileServer()
+        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+        thread.join(5)
+        self.assertEqual((result.returncode, result.stdout), (0, HOSTILE + b"hi\n"))
 
     def test_connectionLost(self) -> None:
         """A server that accepts and hangs up at once: exit LOST."""
