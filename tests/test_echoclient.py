@@ -245,7 +245,6 @@ class LineBufferTests(unittest.TestCase):
         self.assertEqual(blocks + buffer.flush(), whole)
         self.assertEqual(blocks, whole[: whole.rfind(b"\n") + 1])
 
-
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.sampled_from(
         [b"", b"\n", b"a", b"ab", b"abc\n", b"abcdefgh", b"x\ny", b"\n\n", b"abcdefghij\nk"]), max_size=30),
