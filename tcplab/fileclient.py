@@ -9,20 +9,26 @@ per-connection cap) and resuming from what the server holds when asked to.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
+import socket
 import stat
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, INegotiated, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcplab.echoclient import handshakeTimedOut
 from tcplab.errors import (
     AlreadyExists,
     ConnectionLostError,
@@ -56,6 +62,33 @@ CHUNK_SIZE = 1 << 20
 FLUSH_SECONDS_PER_BYTE = 1 / 50e6
 
 Progress = Callable[[int], None]
+#: The most time between two looks at how far the upload has got on the wire.
+PROGRESS_CHECK_SECONDS = 1.0
+
+
+def unsentBytes(transport: Any) -> int:
+    """Bytes written to ``transport`` that have not yet reached the peer: what Twisted (and a
+    TLS layer) still buffers, plus the kernel's send queue, which for TCP counts bytes sent but
+    not acknowledged (SIOCOUTQ). Without it a socket buffer of megabytes drains over a slow link
+    with nothing to show for it, and a steady upload would pass for a stalled one."""
+    unsent = 0
+    for _ in range(4):  # the app's transport, a TLS layer, the socket's transport
+        if transport is None:
+            break
+        unsent += len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+        unsent += getattr(transport, "_tempDataLen", 0)
+        unsent += sum(map(len, getattr(transport, "_appSendBuffer", None) or ()))
+        getHandle = getattr(transport, "getHandle", None)
+        handle = getHandle() if getHandle is not None else None
+        if isinstance(handle, socket.socket):
+            try:
+                queued = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+                unsent += struct.unpack("i", queued)[0]
+            except (OSError, AttributeError):  # not Linux, or not a socket that has a queue
+                pass
+            break
+        transport = getattr(transport, "transport", None)
+    return unsent
 
 
 def _noProgress(n: int) -> None:
@@ -162,14 +195,27 @@ class BodyProducer:
                 self.done.errback(error)
 
 
+@implementer(IHandshakeListener)
 class FileSender(Protocol):
     """One connection to a tcplab-file server. ``stat`` and ``put`` send a request
-    and fire with its reply; an ERR fails them (and ends the connection)."""
+    and fire with its reply; an ERR fails them (and ends the connection).
 
-    def __init__(self, clock: IReactorTime, timeout: float, chunkSize: int = CHUNK_SIZE) -> None:
+    ``timeout`` counts only time without progress on the wire: bytes reaching the server
+    (``unsent`` going down), not bytes handed to the socket."""
+
+    def __init__(self, clock: IReactorTime, timeout: float, chunkSize: int = CHUNK_SIZE,
+                 unsent: Callable[[Any], int] = unsentBytes) -> None:
         self.clock = clock
         self.timeout = timeout
         self.chunkSize = chunkSize
+        self.unsent = unsent
+        self.tls = False
+        self.handshakeDone = False
+        self._written = 0
+        self._delivered = 0
+        self._lastProgress = 0.0
+        self._limit = 0.0
+        self._flushSeconds = 0.0  # once every byte has reached the server, time for its fsync
         self.isOpen = False
         self.broken = False
         self.closed: Deferred[None] = Deferred()
@@ -188,6 +234,7 @@ class FileSender(Protocol):
     def connectionMade(self) -> None:
         self.isOpen = True
         transport = self.transport
+        self.tls = INegotiated.providedBy(transport)
         if hasattr(type(transport), "SEND_LIMIT"):
             # One chunk per send(), and the producer paused after each chunk: the transport's
             # buffer then only ever holds that one chunk, which it sends without copying it
@@ -219,14 +266,24 @@ class FileSender(Protocol):
         self._waiting = Deferred()
         self._expect = expect
         self._what = name
-        self.transport.write(line)
+        self._write(line)
         self._arm(self.timeout)
         return self._waiting
 
+    def handshakeCompleted(self) -> None:
+        self.handshakeDone = True
+
+    def _write(self, data: bytes) -> None:
+        self._written += len(data)
+        self.transport.write(data)
+        self._delivered = max(self._delivered, self._written - self.unsent(self.transport))
+
     def _progressing(self, progress: Progress) -> Progress:
         def sent(n: int) -> None:
-            if self._timer is not None:
-                self._timer.reset(self.timeout)
+            # The producer only runs when the transport's buffer has drained: that is progress too.
+            self._written += n
+            self._delivered = max(self._delivered, self._written - self.unsent(self.transport))
+            self._lastProgress = self.clock.seconds()
             progress(n)
 
         return sent
@@ -234,8 +291,8 @@ class FileSender(Protocol):
     def _bodySent(self, _: None, hasher: Any, size: int) -> None:
         self._producer = None
         if self.isOpen and self._waiting is not None:
-            self.transport.write(formatTrailer(hasher.hexdigest()))
-            self._arm(self.timeout + size * FLUSH_SECONDS_PER_BYTE)
+            self._write(formatTrailer(hasher.hexdigest()))
+            self._flushSeconds = size * FLUSH_SECONDS_PER_BYTE
 
     def _bodyFailed(self, failure: Failure) -> None:
         self._producer = None
@@ -303,8 +360,27 @@ class FileSender(Protocol):
             d.errback(error)
 
     def _arm(self, seconds: float) -> None:
+        """Fail after ``seconds`` without progress on the wire, looking at it every so often."""
         self._disarm()
-        self._timer = self.clock.callLater(seconds, self._timedOut, seconds)
+        self._limit = seconds
+        self._flushSeconds = 0.0
+        self._lastProgress = self.clock.seconds()
+        self._delivered = max(self._delivered, self._written - self.unsent(self.transport))
+        self._timer = self.clock.callLater(min(PROGRESS_CHECK_SECONDS, seconds), self._checkProgress)
+
+    def _checkProgress(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        unsent = self.unsent(self.transport)
+        delivered = self._written - unsent
+        if delivered > self._delivered:
+            self._delivered, self._lastProgress = delivered, now
+        limit = self._limit + (self._flushSeconds if unsent <= 0 else 0)
+        left = self._lastProgress + limit - now
+        if left <= 0:
+            self._timedOut(limit)
+        else:
+            self._timer = self.clock.callLater(min(PROGRESS_CHECK_SECONDS, left), self._checkProgress)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -315,8 +391,11 @@ class FileSender(Protocol):
         self._timer = None
         self.broken = True
         self._stopBody()
-        self._fail(TimedOut(f"no progress for {seconds:g}s while sending {escapeName(self._what)}: "
-                            "is the server overloaded? (--timeout)"))
+        if self.tls and not self.handshakeDone:
+            self._fail(handshakeTimedOut(seconds))
+        else:
+            self._fail(TimedOut(f"no progress for {seconds:g}s while sending {escapeName(self._what)}: "
+                                "is the server overloaded? (--timeout)"))
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
@@ -344,15 +423,26 @@ class Uploader:
         if client is not None:
             await client.close()
 
-    async def send(self, path: str, name: str, progress: Progress = _noProgress) -> Sent:
-        """Upload ``path`` as ``name``; raise a TcplabError saying why it was not stored."""
+    async def send(self, path: str, name: str, progress: Progress = _noProgress,
+                   identity: tuple[int, int] | None = None) -> Sent:
+        """Upload ``path`` as ``name``; raise a TcplabError saying why it was not stored.
+        With ``identity`` (device, inode), the file opened must be that one and not a symlink:
+        what a folder walk found cannot be swapped for a link to elsewhere before it is sent."""
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO must not block us
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block us
+            fd = os.open(path, flags | (os.O_NOFOLLOW if identity is not None else 0))
         except OSError as e:
+            if e.errno == errno.ELOOP and identity is not None:
+                raise LocalFileError(f"{escapeName(path)} became a symlink while the folder was being sent "
+                                     "(not followed)") from None
             raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise LocalFileError(f"{escapeName(path)} is not a regular file")
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            os.close(fd)
+            raise LocalFileError(f"{escapeName(path)} was replaced by another file while the folder was being sent")
         reported = 0
 
         def counted(n: int) -> None:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import twisted.test
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
+from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -22,8 +25,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import directlyProvides
 
-from tcplab.cli.send import collectFiles
+from tcplab.cli.send import Item, collectFiles
 from tcplab.errors import (
     AlreadyExists,
     ConnectionLostError,
@@ -32,7 +36,7 @@ from tcplab.errors import (
     TimedOut,
     VerificationFailed,
 )
-from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode
+from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode, unsentBytes
 from tcplab.filewire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
 from tcplab.tap import file as filetap
 from tests.support import scratch
@@ -373,6 +377,44 @@ class FlowTests(LoopbackTestCase):
         with self.assertRaises(LocalFileError):
             await self.uploader().send(os.path.join(self.src, "nope"), "nope")
 
+    async def test_fileSwappedForASymlinkAfterTheWalk(self) -> None:
+        """A file a folder walk found that becomes a symlink (or another file) before it is sent is not sent."""
+        secret = self.source("secret", b"PRIVATE KEY")
+        path = self.source("photos/a.jpg", b"jpeg")
+        [item] = collectFiles([os.path.dirname(path)], True)
+        assert isinstance(item, Item)
+        os.replace(self.source("photos/new", b"other"), path)
+        with self.assertRaises(LocalFileError) as caught:
+            await self.uploader().send(item.path, item.name, identity=item.identity)
+        self.assertIn("was replaced", str(caught.exception))
+        os.unlink(path)
+        os.symlink(secret, path)
+        with self.assertRaises(LocalFileError) as caught:
+            await self.uploader().send(item.path, item.name, identity=item.identity)
+        self.assertIn("became a symlink", str(caught.exception))
+        self.assertEqual(self.visible(), [])
+
+    async def test_slowSteadyLinkDoesNotTimeOut(self) -> None:
+        """Over a real socket to a server that takes the body in bursts, the upload outlasts --timeout and succeeds."""
+        data = os.urandom(4 << 20)
+        path = self.source("slow.bin", data)
+        server = SlowReader(burst=512 << 10, pause=0.3)
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def connect() -> Deferred[Any]:
+            client = FileSender(reactor, 1.5)
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+            return endpoint.connect(Factory.forProtocol(lambda: client))
+
+        uploader = Uploader(connect)
+        self.addCleanup(lambda: ensureDeferred(uploader.close()))
+        started = time.monotonic()
+        sent = await uploader.send(path, "slow.bin")
+        self.assertEqual(sent.sha256, sha(data))
+        self.assertGreater(time.monotonic() - started, 1.5, "the transfer took longer than --timeout")
+        self.assertEqual(server.body, len(data))
+
     async def test_ncOneLiner(self) -> None:
         """The README's shell one-liner uploads a file with nothing but printf, cat and ncat."""
         if shutil.which("ncat") is None:
@@ -384,6 +426,40 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(out, f"OK {len(LAB_TEXT)} {sha(LAB_TEXT)} received_f.txt\n".encode())
         self.assertEqual(self.stored("received_f.txt"), LAB_TEXT)
+
+
+class SlowReader(Protocol):
+    """A tcplab-file server on a slow link: takes ``burst`` bytes, then reads nothing for
+    ``pause`` seconds; answers OK with the SHA-256 of what it received."""
+
+    def __init__(self, burst: int, pause: float) -> None:
+        self.burst, self.pause = burst, pause
+        self.buffer = b""
+        self.size: int | None = None
+        self.body = 0
+        self.inBurst = 0
+        self.hasher = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size is None:
+            self.buffer += data
+            line, newline, data = self.buffer.partition(b"\n")
+            if not newline:
+                return
+            self.size, self.buffer = int(line.split()[2]), b""  # PUT sha256=trailer SIZE NAME
+        body = data[: self.size - self.body]
+        self.hasher.update(body)
+        self.body += len(body)
+        if self.body >= self.size:
+            self.buffer += data[len(body):]
+            if self.buffer.endswith(b"\n"):
+                self.transport.write(formatOk(self.size, self.hasher.hexdigest(), "received_slow.bin"))
+            return
+        self.inBurst += len(data)
+        if self.inBurst >= self.burst:
+            self.inBurst = 0
+            self.transport.pauseProducing()
+            reactor.callLater(self.pause, self.transport.resumeProducing)
 
 
 class FakeServer(Protocol):
@@ -531,6 +607,40 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertNotIn("\x07", err)
         self.assertIn("\\x1b", err)
 
+    async def test_oneMissingFileDoesNotStopTheOthers(self) -> None:
+        """``tcplab send missing.txt good.txt`` stores good.txt and exits 6 with one line about missing.txt."""
+        self.source("good.txt", b"good")
+        out, err, code = await self.run_("--port", str(self.port), "missing.txt", "good.txt")
+        self.assertEqual(code, 6, err)
+        self.assertIn("cannot read missing.txt", err)
+        self.assertIn("good.txt -> received_good.txt", out)
+        self.assertEqual(self.visible(), ["received_good.txt"])
+
+    async def test_folderSymlinksNeverLeak(self) -> None:
+        """``send -r photos`` with links to a secret file and folder sends neither, one warning each, exit 0."""
+        self.source("secret/id_rsa", b"PRIVATE KEY")
+        self.source("photos/a.jpg", b"jpeg")
+        os.symlink("../secret/id_rsa", os.path.join(self.src, "photos", "b.jpg"))
+        os.symlink("../secret", os.path.join(self.src, "photos", "keys"))
+        out, err, code = await self.run_("--port", str(self.port), "-r", "photos", lines=2)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.visible(), ["received_photos/a.jpg"])
+        self.assertIn("photos/b.jpg: a symlink", err)
+        self.assertIn("photos/keys: a symlink", err)
+
+    async def test_badEntryInAFolderDoesNotStopTheRest(self) -> None:
+        """A fifo and a non-UTF-8 name in a folder are skipped with a line each; the rest is stored; exit 6."""
+        self.source("docs/a.txt", b"a")
+        self.source("docs/sub/b.txt", b"b")
+        with open(os.path.join(os.fsencode(self.src), b"docs", b"bad-\xe9.txt"), "wb") as f:
+            f.write(b"x")
+        os.mkfifo(os.path.join(self.src, "docs", "pipe"))
+        out, err, code = await self.run_("--port", str(self.port), "-r", "docs", lines=2)
+        self.assertEqual(code, 6, err)
+        self.assertEqual(self.visible(), ["received_docs/a.txt", "received_docs/sub/b.txt"])
+        self.assertIn("not valid UTF-8", err)
+        self.assertIn("docs/pipe: not a regular file", err)
+
     async def test_severalFailuresSummarised(self) -> None:
         self.source("a", b"1")
         self.source("b", b"2")
@@ -539,6 +649,19 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(code, 8)
         self.assertEqual(err.count("already exists"), 2)
         self.assertIn("2 of 2", err)
+
+    async def test_stalledTLSHandshake(self) -> None:
+        """``send --tls`` to a server that never answers the handshake: exit 5, a line naming the handshake."""
+        self.source("a", b"x")
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        _, err, code = await self.run_("--tls", "--host", "127.0.0.1", "--port", str(silent.getsockname()[1]),
+                                       "--timeout", "0.5", "a")
+        self.assertEqual(code, 5, err)
+        self.assertIn("TLS handshake", err)
+        self.assertNotIn("no progress", err)
 
     async def test_interrupted(self) -> None:
         """Ctrl-C is never success."""
@@ -635,6 +758,88 @@ class ClientProtocolTests(SynchronousTestCase):
         self.failureResultOf(d, TimedOut)
         self.assertTrue(self.transport.disconnecting)
 
+    def slowLink(self, size: int) -> tuple[Deferred[Any], list[int]]:
+        """A PUT of ``size`` bytes whose every byte the transport takes at once (as a socket
+        buffer of megabytes does) and of which only ``arrived[0]`` have reached the server."""
+        path = os.path.join(scratch(self), "big")
+        with open(path, "wb") as f:
+            f.write(b"x" * size)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        arrived = [0]
+        self.client = FileSender(self.clock, 10, chunkSize=1 << 20,
+                                 unsent=lambda transport: len(transport.value()) - arrived[0])
+        self.client.makeConnection(self.transport)
+        d = self.client.put(formatPut(size, "big", trailer=True), "big", fd, 0, size, self.hasher, "big")
+        return d, arrived
+
+    def test_timeoutCountsOnlyTimeWithoutProgress(self) -> None:
+        """An upload whose bytes reach the server every 6 s for 24 s does not time out with --timeout 10."""
+        size = 4 << 20
+        d, arrived = self.slowLink(size)
+        for _ in range(4):
+            self.clock.pump([0.5] * 12)
+            self.assertNoResult(d)
+            arrived[0] += size // 4
+        self.clock.pump([0.5] * 12)
+        self.client.dataReceived(formatOk(size, sha(b"x" * size), "received_big"))
+        self.assertEqual(self.successResultOf(d).size, size)
+
+    def test_stalledUploadTimesOut(self) -> None:
+        """An upload whose bytes stop reaching the server times out --timeout after the last progress."""
+        size = 4 << 20
+        d, arrived = self.slowLink(size)
+        self.clock.pump([0.5] * 12)
+        arrived[0] += size // 2
+        self.clock.pump([0.5] * 19)
+        self.assertNoResult(d)
+        self.clock.pump([0.5] * 4)
+        failure = self.failureResultOf(d, TimedOut)
+        self.assertIn("no progress for 10s while sending big", str(failure.value))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_unsentBytesOfARealSocket(self) -> None:
+        """``unsentBytes`` sees bytes waiting in the kernel for a peer that does not read, and none once read."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.addCleanup(listener.close)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        server, _ = listener.accept()
+        self.addCleanup(server.close)
+
+        class Transport:
+            dataBuffer, offset, _tempDataLen = b"12345", 2, 4
+
+            def getHandle(self) -> socket.socket:
+                return client
+
+        client.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(10_000):
+                sent += client.send(b"x" * 65536)
+        self.assertGreater(unsentBytes(Transport()), 7 + 65536, "the peer's window is full")
+        server.settimeout(5)
+        received = 0
+        deadline = time.monotonic() + 10
+        while (received < sent or unsentBytes(Transport()) > 7) and time.monotonic() < deadline:
+            received += len(server.recv(1 << 20))
+        self.assertEqual(unsentBytes(Transport()), 7)
+
+    def test_stalledHandshakeIsNamed(self) -> None:
+        """Over TLS, a timeout before the handshake finished says so; after it, it is "no progress"."""
+        for handshaken, expected in [(False, "TLS handshake"), (True, "no progress")]:
+            with self.subTest(handshaken=handshaken):
+                transport = StringTransport()
+                directlyProvides(transport, INegotiated)
+                self.reconnect(transport)
+                if handshaken:
+                    self.client.handshakeCompleted()
+                d = self.put()
+                self.clock.pump([1] * 11)
+                self.assertIn(expected, str(self.failureResultOf(d, TimedOut).value))
+
     def test_connectionLost(self) -> None:
         d = self.put()
         self.client.connectionLost(Failure(Exception("reset")))
@@ -661,6 +866,12 @@ class PausingTransport(StringTransport):
             self.producer.pauseProducing()
 
 
+def split(items: list[Item | LocalFileError]) -> tuple[list[str], list[str]]:
+    """The names that would be sent, and the problems, of what collectFiles found."""
+    return ([i.name for i in items if isinstance(i, Item)],
+            [str(i) for i in items if isinstance(i, LocalFileError)])
+
+
 class CollectTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.top = scratch(self)
@@ -670,41 +881,117 @@ class CollectTests(SynchronousTestCase):
                 f.write(b"x")
 
     def test_files(self) -> None:
+        """A named file is sent under its base name."""
         items = collectFiles([os.path.join(self.top, "plain.txt")], False)
-        self.assertEqual([(i.name, i.size) for i in items], [("plain.txt", 1)])
+        self.assertEqual([(i.name, i.size) for i in items if isinstance(i, Item)], [("plain.txt", 1)])
 
     def test_folderNeedsRecursive(self) -> None:
-        with self.assertRaises(LocalFileError) as caught:
-            collectFiles([os.path.join(self.top, "folder")], False)
-        self.assertIn("-r", str(caught.exception))
+        """A folder without -r is a problem for that path only."""
+        names, errors = split(collectFiles([os.path.join(self.top, "folder"), os.path.join(self.top, "plain.txt")],
+                                           False))
+        self.assertEqual(names, ["plain.txt"])
+        self.assertEqual(len(errors), 1)
+        self.assertIn("-r", errors[0])
 
     def test_recursive(self) -> None:
+        """A folder keeps its relative paths; a fifo and a symlinked folder are skipped with a warning each."""
         os.mkfifo(os.path.join(self.top, "folder", "fifo"))
         os.symlink(self.top, os.path.join(self.top, "folder", "loop"))
         warnings: list[str] = []
         items = collectFiles([os.path.join(self.top, "folder") + "/"], True, warnings.append)
-        self.assertEqual([i.name for i in items], ["folder/a.txt", "folder/sub/b.txt"])
-        self.assertEqual(len(warnings), 1)
+        self.assertEqual(split(items), (["folder/a.txt", "folder/sub/b.txt"], []))
+        self.assertEqual(len(warnings), 2)
         self.assertIn("fifo", warnings[0])
+        self.assertIn("loop: a symlink", warnings[1])
+
+    def test_symlinksInAFolderNeverFollowed(self) -> None:
+        """A symlink to a file, to a folder, or to nothing inside a folder is skipped, one warning line each."""
+        secret = os.path.join(self.top, "secret")
+        os.makedirs(secret)
+        with open(os.path.join(secret, "id_rsa"), "wb") as f:
+            f.write(b"PRIVATE KEY")
+        photos = os.path.join(self.top, "photos")
+        os.makedirs(photos)
+        with open(os.path.join(photos, "a.jpg"), "wb") as f:
+            f.write(b"jpeg")
+        os.symlink("../secret/id_rsa", os.path.join(photos, "b.jpg"))
+        os.symlink("../secret", os.path.join(photos, "keys"))
+        os.symlink("../nowhere", os.path.join(photos, "dangling"))
+        warnings: list[str] = []
+        items = collectFiles([photos], True, warnings.append)
+        self.assertEqual(split(items), (["photos/a.jpg"], []))
+        self.assertEqual(len(warnings), 3, warnings)
+        for warning, name in zip(warnings, ["b.jpg", "dangling", "keys"], strict=True):
+            self.assertIn(f"{name}: a symlink", warning)
+            self.assertEqual(warning.count("\n"), 0)
+
+    def test_badEntriesDoNotStopTheRest(self) -> None:
+        """An unreadable file, a socket and non-UTF-8 names in a folder are skipped; the rest is still sent."""
+        folder = os.path.join(self.top, "folder")
+        for name in [b"latin1-\xe9.txt", b"z.txt", b"locked.txt"]:
+            with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+                f.write(b"x")
+        os.makedirs(os.path.join(os.fsencode(folder), b"dir-\xff"))
+        with open(os.path.join(os.fsencode(folder), b"dir-\xff", b"inside.txt"), "wb") as f:
+            f.write(b"x")
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(folder, "sock"))
+        access = os.access
+        self.patch(os, "access", lambda path, mode, **kw: not os.fspath(path).endswith("locked.txt")
+                   and access(path, mode, **kw))
+        warnings: list[str] = []
+        names, errors = split(collectFiles([folder], True, warnings.append))
+        self.assertEqual(names, ["folder/a.txt", "folder/z.txt", "folder/sub/b.txt"])
+        self.assertEqual(len(errors), 3, errors)
+        self.assertRegex(errors[0], r"latin1-\S+\.txt: its name is not valid UTF-8")
+        self.assertIn("locked.txt: Permission denied", errors[1])
+        self.assertRegex(errors[2], r"dir-\S+: its name is not valid UTF-8 \(nothing in it is sent\)")
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("sock: not a regular file", warnings[0])
+
+    def test_unreadableFolderDoesNotStopTheRest(self) -> None:
+        """A folder that cannot be listed is one problem; its siblings are still sent."""
+        scandir = os.scandir
+        sub = os.path.join(self.top, "folder", "sub")
+
+        def failing(path: Any) -> Any:
+            if path == sub:
+                raise PermissionError(13, "Permission denied", path)
+            return scandir(path)
+
+        self.patch(os, "scandir", failing)
+        names, errors = split(collectFiles([os.path.join(self.top, "folder")], True))
+        self.assertEqual(names, ["folder/a.txt"])
+        self.assertEqual(len(errors), 1)
+        self.assertIn("cannot read the folder", errors[0])
 
     def test_missing(self) -> None:
-        with self.assertRaises(LocalFileError):
-            collectFiles([os.path.join(self.top, "nope")], False)
+        """A missing path is a problem in its place, not an exception."""
+        names, errors = split(collectFiles([os.path.join(self.top, "nope"), os.path.join(self.top, "plain.txt")],
+                                           False))
+        self.assertEqual(names, ["plain.txt"])
+        self.assertIn("nope", errors[0])
 
     def test_unsendableNames(self) -> None:
+        """Names with line breaks or not in UTF-8 are refused, in a printable line."""
         for name in ["line\nbreak", "carriage\r", os.fsdecode(b"latin1-\xe9")]:
             path = os.path.join(self.top, name)
             with open(path, "wb") as f:
                 f.write(b"x")
-            with self.subTest(name=name), self.assertRaises(LocalFileError) as caught:
-                collectFiles([path], False)
-            self.assertTrue(str(caught.exception).isprintable())
+            with self.subTest(name=name):
+                [problem] = collectFiles([path], False)
+                self.assertIsInstance(problem, LocalFileError)
+                self.assertTrue(str(problem).isprintable())
 
     def test_oddNamesKept(self) -> None:
+        """Ordinary odd names go as they are."""
         path = os.path.join(self.top, "звіт (1) [final].txt")
         with open(path, "wb") as f:
             f.write(b"x")
-        self.assertEqual(collectFiles([path], False)[0].name, "звіт (1) [final].txt")
+        item = collectFiles([path], False)[0]
+        assert isinstance(item, Item)
+        self.assertEqual(item.name, "звіт (1) [final].txt")
 
 
 class ServerOptionsTests(SynchronousTestCase):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from tcplab.cli.common import ClientOptions, connect, readStdin, writeStdout
-from tcplab.echoclient import EchoClient, InputLines, UDPEchoClient
+from tcplab.echoclient import EchoClient, InputLines, TerminalText, UDPEchoClient
 from tcplab.errors import ConnectFailed, UsageProblem
+from tcplab.escaping import showable
 
 #: With --udp, stdin is read whole before the datagrams go (each line one datagram).
 MAX_UDP_INPUT = 1 << 20
+#: The largest UDP payload over IPv4 (65535 less the IP and UDP headers).
+MAX_DATAGRAM = 65507
 
 
 class Options(ClientOptions):
@@ -35,20 +39,35 @@ class Options(ClientOptions):
 
 
 async def run(reactor: object, options: Options) -> None:
+    terminal = TerminalText() if sys.stdout.isatty() else None
+
+    def output(data: bytes) -> None:
+        """Byte-exact into a pipe (RFC 862 users pipe binary through); escaped on a terminal,
+        so no server, tcplab or not, can clear the screen, retitle it or forge a line."""
+        writeStdout(data if terminal is None else terminal.feed(data))
+
     if options["udp"]:
-        await _runUDP(reactor, options)
+        await _runUDP(reactor, options, (lambda data: writeStdout(showable(data))) if terminal else writeStdout)
         return
-    client = EchoClient(writeStdout, reactor, options["timeout"])  # type: ignore[arg-type]
+    client = EchoClient(output, reactor, options["timeout"], _notice)  # type: ignore[arg-type]
     await connect(reactor, options, client)
     if options["messages"]:
         client.sendLines(options["messages"])
         client.endInput()
     else:
         client.readFrom(readStdin(reactor, InputLines(client)))
-    await client.done
+    try:
+        await client.done
+    finally:
+        if terminal is not None and terminal.held:
+            writeStdout(terminal.flush())
 
 
-async def _runUDP(reactor: object, options: Options) -> None:
+def _notice(text: str) -> None:
+    print(f"tcplab: {text}", file=sys.stderr, flush=True)
+
+
+async def _runUDP(reactor: object, options: Options, output: Callable[[bytes], None]) -> None:
     messages = options["messages"]
     if not messages:
         if os.isatty(0):
@@ -57,15 +76,19 @@ async def _runUDP(reactor: object, options: Options) -> None:
         if len(data) > MAX_UDP_INPUT:
             raise UsageProblem(f"with --udp, stdin may hold at most {MAX_UDP_INPUT} bytes (one datagram a line)")
         messages = [line for line in data.split(b"\n") if line]
+    longest = max(map(len, messages), default=0)
+    if longest > MAX_DATAGRAM:
+        raise UsageProblem(f"a UDP message may be at most {MAX_DATAGRAM} bytes (one has {longest}): use TCP for more")
     try:
         infos = socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_DGRAM)
     except socket.gaierror as e:
         raise ConnectFailed(f"cannot resolve {options['host']}: {e.strerror}") from None
     # IPv4 first: the servers bind IPv4 by default, and "localhost" often resolves to ::1 first.
     family, _, _, _, address = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
-    client = UDPEchoClient(messages, writeStdout, reactor, options["timeout"])  # type: ignore[arg-type]
+    client = UDPEchoClient(messages, output, reactor, options["timeout"])  # type: ignore[arg-type]
     interface = "::" if family == socket.AF_INET6 else ""
-    port = reactor.listenUDP(0, client, interface=interface)  # type: ignore[attr-defined]
+    # Twisted reads at most 8192 bytes of a datagram by default: a longer echo would pass for truncated.
+    port = reactor.listenUDP(0, client, interface=interface, maxPacketSize=MAX_DATAGRAM + 1)  # type: ignore[attr-defined]
     port.connect(address[0], address[1])
     client.send()
     try:

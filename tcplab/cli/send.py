@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -59,58 +60,105 @@ class Options(ClientOptions):
 
 @dataclass(frozen=True)
 class Item:
-    """A local file and the name it is sent under."""
+    """A local file and the name it is sent under; ``identity`` (device, inode) is the file a
+    folder walk found, which the file opened at send time must still be."""
 
     path: str
     name: str
     size: int
+    identity: tuple[int, int] | None = None
 
 
-def collectFiles(paths: list[str], recursive: bool, warn: Any = None) -> list[Item]:
-    """The files to send, checked before connecting: one LocalFileError for the first problem."""
-    items: list[Item] = []
+Warn = Callable[[str], None]
+
+
+def _ignore(text: str) -> None:
+    pass
+
+
+def collectFiles(paths: list[str], recursive: bool, warn: Warn = _ignore) -> list[Item | LocalFileError]:
+    """The files to send, in order, checked before connecting. A path that cannot be sent is a
+    LocalFileError in its place, so the others still go; inside a folder, what is not a file to
+    send (a symlink, fifo, socket, device) is skipped with a ``warn`` line, and what cannot be
+    read is a LocalFileError too. Paths named here are followed if they are symlinks (the user
+    chose them); nothing inside a folder ever is."""
+    items: list[Item | LocalFileError] = []
     for path in paths:
         try:
             st = os.stat(path)
         except OSError as e:
-            raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
+            items.append(LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}"))
+            continue
         if stat.S_ISDIR(st.st_mode):
             if not recursive:
-                raise LocalFileError(f"{escapeName(path)} is a folder: use -r to send it and what it holds")
-            items.extend(_walk(path, warn))
-        elif stat.S_ISREG(st.st_mode):
-            if not os.access(path, os.R_OK):
-                raise LocalFileError(f"cannot read {escapeName(path)}: Permission denied")
-            items.append(Item(path, wireName(path, os.path.basename(os.path.abspath(path))), st.st_size))
+                items.append(LocalFileError(f"{escapeName(path)} is a folder: use -r to send it and what it holds"))
+            else:
+                items.extend(_walk(path, warn))
+        elif not stat.S_ISREG(st.st_mode):
+            items.append(LocalFileError(f"{escapeName(path)} is not a regular file"))
+        elif not os.access(path, os.R_OK):
+            items.append(LocalFileError(f"cannot read {escapeName(path)}: Permission denied"))
         else:
-            raise LocalFileError(f"{escapeName(path)} is not a regular file")
+            items.append(_item(path, os.path.basename(os.path.abspath(path)), st))
     return items
 
 
-def _walk(top: str, warn: Any) -> list[Item]:
+def _item(path: str, name: str, st: os.stat_result, identity: tuple[int, int] | None = None) -> Item | LocalFileError:
+    try:
+        return Item(path, wireName(path, name), st.st_size, identity)
+    except LocalFileError as e:
+        return e
+
+
+def _walk(top: str, warn: Warn) -> list[Item | LocalFileError]:
+    """Every regular file under ``top``, depth first in name order, never following a symlink
+    (``lstat`` only): a link inside a folder could point anywhere, e.g. at ~/.ssh."""
     base = os.path.basename(os.path.abspath(top))
     if not base:
-        raise LocalFileError(f"cannot send {escapeName(top)}: name a folder inside it instead")
-    items = []
-
-    def failed(e: OSError) -> None:
-        raise LocalFileError(f"cannot read the folder {escapeName(e.filename or top)}: {e.strerror}")
-
-    for folder, dirs, files in os.walk(top, onerror=failed):
-        dirs.sort()
-        relative = os.path.relpath(folder, top)
-        parts = [base] if relative == "." else [base, *relative.split(os.sep)]
-        for file in sorted(files):
-            path = os.path.join(folder, file)
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                raise LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}") from None
-            if not stat.S_ISREG(st.st_mode):
-                if warn is not None:
-                    warn(f"tcplab: skipping {escapeName(path)}: not a regular file")
+        return [LocalFileError(f"cannot send {escapeName(top)}: name a folder inside it instead")]
+    items: list[Item | LocalFileError] = []
+    seen: set[tuple[int, int]] = set()  # a bind mount can make a folder its own descendant
+    stack: list[tuple[str, list[str]]] = [(top, [base])]
+    while stack:
+        folder, parts = stack.pop()
+        try:
+            st = os.lstat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                warn(f"tcplab: skipping {escapeName(folder)}: a folder already being sent")
                 continue
-            items.append(Item(path, wireName(path, "/".join([*parts, file])), st.st_size))
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as e:
+            items.append(LocalFileError(f"cannot read the folder {escapeName(folder)}: {e.strerror}"))
+            continue
+        folders = []
+        for entry in entries:
+            path = os.path.join(folder, entry.name)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                items.append(LocalFileError(f"cannot read {escapeName(path)}: {e.strerror}"))
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                warn(f"tcplab: skipping {escapeName(path)}: a symlink (symlinks in a folder are never followed)")
+            elif stat.S_ISDIR(st.st_mode):
+                folders.append((path, [*parts, entry.name]))
+            elif not stat.S_ISREG(st.st_mode):
+                warn(f"tcplab: skipping {escapeName(path)}: not a regular file")
+            elif not os.access(path, os.R_OK):
+                items.append(LocalFileError(f"cannot read {escapeName(path)}: Permission denied"))
+            else:
+                items.append(_item(path, "/".join([*parts, entry.name]), st, (st.st_dev, st.st_ino)))
+        sendable = []
+        for path, subparts in folders:
+            try:
+                wireName(path, "/".join(subparts))
+            except LocalFileError as e:
+                items.append(LocalFileError(f"{e} (nothing in it is sent)"))
+                continue
+            sendable.append((path, subparts))
+        stack.extend(reversed(sendable))
     return items
 
 
@@ -164,7 +212,8 @@ class Progress:
 async def run(reactor: Any, options: Options) -> None:
     progress = Progress(0, False)
     items = collectFiles(options["files"], options["recursive"], lambda text: progress.line(text, error=True))
-    progress = Progress(sum(item.size for item in items), not options["quiet"] and sys.stderr.isatty())
+    total = sum(item.size for item in items if isinstance(item, Item))
+    progress = Progress(total, not options["quiet"] and sys.stderr.isatty())
 
     def newConnection() -> Any:
         return connect(reactor, options, FileSender(reactor, options["timeout"], CHUNK_SIZE))
@@ -183,9 +232,11 @@ async def run(reactor: Any, options: Options) -> None:
 
     try:
         for item in items:
-            progress.file(item.name)
             try:
-                sent = await uploader.send(item.path, item.name, progress.update)
+                if isinstance(item, LocalFileError):
+                    raise item
+                progress.file(item.name)
+                sent = await uploader.send(item.path, item.name, progress.update, item.identity)
             except TcplabError as e:
                 showHeld()
                 if not _perFile(e):
