@@ -1,4 +1,9 @@
-from tcplab.cli import main
+import signal
+
+# Until main() installs its own handler, a Ctrl-C ends the process quietly (the shell reports 130).
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from tcplab.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -27,9 +27,11 @@ from tcplab.cli.send import collectFiles
 from tcplab.errors import (
     AlreadyExists,
     ConnectionLostError,
+    ExitCode,
     LocalFileError,
     RefusedByServer,
     TimedOut,
+    UsageProblem,
     VerificationFailed,
 )
 from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode
@@ -748,5 +750,6 @@ class ServerOptionsTests(SynchronousTestCase):
         missing = os.path.join(self.dir, "missing")
         message = self.refused("--token-file", missing)
         self.assertIn(f"cannot read --token-file '{missing}'", message)
-        clientError = self.assertRaises(usage.UsageError, send.Options().parseOptions, ["--token-file", missing, "a"])
+        clientError = self.assertRaises(UsageProblem, send.Options().parseOptions, ["a", "--token-file", missing])
+        self.assertEqual(clientError.code, ExitCode.USAGE)
         self.assertEqual(str(clientError), message)
