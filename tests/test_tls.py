@@ -17,7 +17,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.errors import ExitCode
+from tcplab.errors import ConnectFailed, ExitCode
 from tcplab.tlsclient import nameProblem
 from tests.support import ServerProcess, childEnv, runTcplab, scratch
 from tests.tlsutil import makeCertificates, makeNamedCertificates
@@ -282,6 +282,27 @@ class ServerNameTests(unittest.TestCase):
                              "a.txt"], env={**childEnv(), "TCPLAB_TOKEN": "s3cret"}, path=self.src)
         self.assertEqual(code, ExitCode.CONNECT, err)
         self.assertEqual(received, [])
+
+    async def test_whateverTwistedChecks(self) -> None:
+        """With a Twisted whose own check lets every name through, tcplab still refuses another name."""
+        from twisted.internet import _sslverify
+
+        from tcplab.cli.common import ClientOptions, connect
+
+        self.patch(_sslverify, "_verifyCB", lambda *a: lambda conn, cert, err, depth, ok: ok)
+        for label, refused in (("other", True), ("cn-only", True), ("right", False)):
+            port, received = await self.serve(label)
+            options = ClientOptions()
+            options.parseOptions(["--tls", "--ca", self.ca(label), "--port", str(port), "--timeout", "5"])
+            client = Protocol()
+            attempt = connect(reactor, options, client)
+            if refused:
+                error = await self.assertFailure(attempt, ConnectFailed)
+                self.assertIn("TLS: the server's certificate", str(error))
+                self.assertEqual(received, [], label)
+            else:
+                self.assertIs(await attempt, client)
+                client.transport.loseConnection()  # type: ignore[union-attr]
 
     def test_nameProblemInProcess(self) -> None:
         """The check itself: right name and address pass; another name and CN-only are named in the refusal."""
