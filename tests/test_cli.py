@@ -281,3 +281,23 @@ class InterruptTests(SynchronousTestCase):
                 time.sleep(attempt * 0.01)
                 process.send_signal(signal.SIGINT)
                 self.assertInterrupted(process, attempt)
+
+
+class UnexpectedErrorTests(SynchronousTestCase):
+    """An error Twisted would print as an "Unhandled Error" traceback is one line and exit 1."""
+
+    def test_unhandledErrorIsOneLine(self) -> None:
+        """A bug raising inside a reactor callback ends the command at once: exit 1, one line, no traceback."""
+        script = (
+            "import sys\n"
+            "from twisted.internet.defer import Deferred\n"
+            "from tcplab.cli import _runCommand\n"
+            "async def run(reactor, options):\n"
+            "    reactor.callLater(0, lambda: 1 / 0)\n"
+            "    await Deferred()\n"
+            "sys.exit(_runCommand(run, {}))\n"
+        )
+        result = subprocess.run([TCPLAB[0], "-c", script], capture_output=True, timeout=30, env=childEnv())
+        self.assertEqual((result.returncode, result.stdout), (ExitCode.FAILURE, b""), result.stderr)
+        self.assertEqual(result.stderr, b"tcplab: unexpected error (ZeroDivisionError: division by zero): "
+                                        b"please report it\n")

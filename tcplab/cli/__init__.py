@@ -42,6 +42,10 @@ def _interrupt(signum: int, frame: object) -> None:
     _onInterrupt()
 
 
+def _stillInterrupted() -> None:
+    """A Ctrl-C once the reactor is done: the exit status says so (130), nothing else to stop."""
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``tcplab`` console script and ``python -m tcplab``."""
     signal.signal(signal.SIGINT, _interrupt)
@@ -49,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         code = INTERRUPTED
+    except BrokenPipeError:  # ``tcplab echo --help | head -1``
+        from tcplab.cli.common import silenceStdout
+
+        silenceStdout()
+        code = 141
     if _interrupted:
         code = INTERRUPTED
     if code == INTERRUPTED:
@@ -133,6 +142,7 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
     if _interrupted:
         return INTERRUPTED
     reactor.run(installSignalHandlers=False)
+    _onInterrupt = _stillInterrupted
     return INTERRUPTED if _interrupted else outcome[0] if outcome else int(ExitCode.FAILURE)
 
 
@@ -149,11 +159,7 @@ def _exitFor(failure: Any) -> int:
         return int(failure.value.code or 0)
     if failure.check(BrokenPipeError):
         # The reader of our output went away (``tcplab send | head``): end quietly, as cat does.
-        common.whenOutputGone = None
-        try:
-            common.outputGone()
-        except BrokenPipeError:
-            pass
+        common.silenceStdout()
         return int(ExitCode.BROKEN_PIPE)
     if failure.check(KeyboardInterrupt):
         return INTERRUPTED

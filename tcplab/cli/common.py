@@ -349,13 +349,18 @@ class _FileReader:
 whenOutputGone: Callable[[], None] | None = None
 
 
-def outputGone() -> None:
-    """Whoever read our output went away: send the rest nowhere (so nothing complains at exit)
-    and end the command, as ``cat`` does when ``head`` has seen enough."""
+def silenceStdout() -> None:
+    """Send whatever is still to be printed nowhere, so nothing complains at exit."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+def outputGone() -> None:
+    """Whoever read our output went away: end the command quietly, as ``cat`` does when
+    ``head`` has seen enough."""
+    silenceStdout()
     if whenOutputGone is None:
         raise BrokenPipeError("stdout was closed")
     whenOutputGone()
