@@ -1,4 +1,7 @@
-import signal
+try:  # the C module: ``signal`` builds enums on import, which takes longer than Ctrl-C may wait
+    import _signal as signal
+except ImportError:  # pragma: no cover - not CPython
+    import signal  # type: ignore[no-redef]
 
 # Until main() installs its own handler, a Ctrl-C ends the process quietly (the shell reports 130).
 signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,10 +11,17 @@ with one line too, not a traceback.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+
+try:  # the C module: ``signal`` builds enums on import, which takes longer than Ctrl-C may wait
+    import _signal as signal
+except ImportError:  # pragma: no cover - not CPython
+    import signal  # type: ignore[no-redef]
+
+TYPE_CHECKING = False  # typing itself takes a while to import: not before the handler is in place
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn
 
 #: name -> (module holding ``Options`` and ``run``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,13 +40,21 @@ _interrupted = False
 
 def _interrupt(signum: int, frame: object) -> None:
     global _interrupted
-    if _interrupted:  # a second Ctrl-C: do not wait for anything
+    if _interrupted or _onInterrupt is None:
+        # Still starting (nothing to clean up yet), or a second Ctrl-C: do not wait for anything.
+        # Not KeyboardInterrupt: raised inside an import or a C callback, it can print a traceback.
+        _stdoutDone()
         os.write(2, INTERRUPTED_LINE)
         os._exit(INTERRUPTED)
     _interrupted = True
-    if _onInterrupt is None:
-        raise KeyboardInterrupt
     _onInterrupt()
+
+
+def _stdoutDone() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _stillInterrupted() -> None:
