@@ -6,8 +6,8 @@ connection), not left to Twisted's own check: depending on the Twisted and servi
 versions, that check logs a ``CertificateError`` (a certificate without subjectAltName) and lets
 the handshake stand. A refused certificate ends the handshake, so not one byte of ours is sent.
 
-Over plain TCP, a server that answers in TLS, or closes without a word (what a TLS server does
-with plain text) and then answers a ClientHello, is reported as a TLS port.
+Over plain TCP, a server that closes without a word, or with only a TLS alert (what TLS servers
+do with plain text), and then answers a ClientHello in TLS, is reported as a TLS port.
 """
 
 from __future__ import annotations
@@ -168,48 +168,66 @@ class VerifiedTLS(_Forwarding):
                                      "is it a TLS port? (without --tls or tls: if it is plain TCP)"))
 
 
-#: A TLS record's first bytes: alert or handshake, protocol version 3.x.
-_TLS_RECORD = tuple(bytes([kind, 3, minor]) for kind in (0x15, 0x16) for minor in range(5))
+def _alertSoFar(data: bytes) -> bool:
+    """Whether ``data`` is (the start of) one TLS alert record: 0x15, version 3.x, length 2."""
+    pattern = (b"\x15", b"\x03", b"\x00\x01\x02\x03\x04", b"\x00", b"\x02")
+    return len(data) <= 7 and all(data[i:i + 1] in allowed for i, allowed in enumerate(pattern) if i < len(data))
+
+
+def _answersTLS(head: bytes) -> bool | None:
+    """Whether a reply to our ClientHello is TLS (a ServerHello or an alert), None until it can tell.
+    An echo server sends the ClientHello back: that is handshake type 1, not TLS."""
+    if head[:1] not in (b"\x15", b"\x16") or head[1:2] not in (b"", b"\x03"):
+        return False
+    if head[:1] == b"\x15":
+        return True if len(head) >= 3 else None
+    return head[5] == 2 if len(head) >= 6 else None
 
 
 class PlainTCP(_Forwarding):
-    """The protocol's stand-in over plain TCP: handed over at once, but a server that answers in
-    TLS, or hangs up without a byte and then turns out to speak TLS, is reported as a TLS port."""
+    """The protocol's stand-in over plain TCP: handed over at once; but a server that hangs up
+    without a word (or with only a TLS alert) is asked whether it speaks TLS, and if it does the
+    protocol hears that, not that the connection was lost."""
 
     def __init__(self, protocol: IProtocol, where: str, probe: Callable[[], Deferred[bool]] | None = None) -> None:
         super().__init__(protocol)
         self.where = where
         self.probe = probe
         self.heard = False
-        self.spokeTLS = False
+        self.held = b""
 
     def connectionMade(self) -> None:
         self.handOver()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.heard and data[:3] in _TLS_RECORD:
-            self.spokeTLS = True
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        self.heard = self.heard or bool(data)
+        if not self.heard:
+            self.held += data
+            if _alertSoFar(self.held):
+                return  # maybe a TLS server's alert: hold it until the next byte or the hang-up tells
+            self.heard = True
+            data, self.held = self.held, b""
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.spokeTLS:
-            return _Forwarding.connectionLost(self, self._tlsPort("answered in TLS"))
         if self.heard or self.probe is None or not (reason is None or reason.check(ConnectionDone, ConnectionLost)):
-            return _Forwarding.connectionLost(self, reason)
+            return self._lost(reason)
 
         # Silence then a hang-up is what a TLS port does to plain text, and also what a plain
         # server that died does: ask the port (one ClientHello, nothing else) which it is.
         def decided(tls: bool) -> None:
-            _Forwarding.connectionLost(self, self._tlsPort("is a TLS port") if tls else reason)
+            if not tls:
+                return self._lost(reason)
+            self.held = b""
+            self._lost(Failure(ConnectFailed(f"TLS: {self.where} is a TLS port: connect with --tls (and --ca "
+                                             "if its certificate is your own), or with a tls: endpoint")))
 
         self.probe().addCallback(decided)
 
-    def _tlsPort(self, what: str) -> Failure:
-        return Failure(ConnectFailed(f"TLS: {self.where} {what}: connect with --tls (and --ca if its "
-                                     "certificate is your own), or with a tls: endpoint"))
+    def _lost(self, reason: Failure | None) -> None:
+        if self.held:
+            held, self.held = self.held, b""
+            super().dataReceived(held)
+        _Forwarding.connectionLost(self, reason)
 
 
 def clientHello() -> bytes:
@@ -233,13 +251,14 @@ class _Probe(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.head += data
-        if len(self.head) >= 3 and not self.answer.called:
-            self.answer.callback(self.head[:3] in _TLS_RECORD)
+        verdict = _answersTLS(self.head)
+        if verdict is not None and not self.answer.called:
+            self.answer.callback(verdict)
             self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if not self.answer.called:
-            self.answer.callback(False)
+            self.answer.callback(bool(self.head) and _answersTLS(self.head) is True)
 
 
 def speaksTLS(endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float) -> Deferred[bool]:

@@ -363,7 +363,7 @@ class TLSMismatchTests(unittest.TestCase):
             self.assertIn(b"TLS port", err, command)
 
     async def test_serverAnswersInTLS(self) -> None:
-        """A server that answers plain text with a TLS alert is named as speaking TLS."""
+        """A server that answers plain text with a TLS alert and hangs up is named as a TLS port."""
         received: list[bytes] = []
 
         class Alerting(Protocol):
@@ -377,4 +377,5 @@ class TLSMismatchTests(unittest.TestCase):
         code, out, err = await tcplab("echo", "--timeout", "5", "--host", "127.0.0.1", "--port",
                                       str(port.getHost().port), "hello")
         self.assertTLSFailure(code, out, err, "alert")
-        self.assertIn(b"answered in TLS", err)
+        self.assertIn(b"is a TLS port", err)
+        self.assertEqual(len(received), 2, "the line sent, then the probe's ClientHello")
