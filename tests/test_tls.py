@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -379,3 +380,15 @@ class TLSMismatchTests(unittest.TestCase):
         self.assertTLSFailure(code, out, err, "alert")
         self.assertIn(b"is a TLS port", err)
         self.assertEqual(len(received), 2, "the line sent, then the probe's ClientHello")
+
+    async def test_stalledHandshake(self) -> None:
+        """A server that accepts and never answers the ClientHello: exit 3 naming the handshake, after --timeout."""
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            port = silent.getsockname()[1]
+            for command, operand in (("echo", "hello"), ("send", "a.txt")):
+                code, out, err = await tcplab(command, "--timeout", "0.5", "--tls", "--ca", self.certs["ca"],
+                                              "--host", "localhost", "--port", str(port), operand, cwd=self.src)
+                self.assertTLSFailure(code, out, err, command)
+                self.assertIn(b"TLS handshake with localhost:%d did not complete within 0.5s" % port, err)

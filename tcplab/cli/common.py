@@ -281,7 +281,7 @@ def connect(reactor: Any, options: ClientOptions, protocol: IProtocol) -> Deferr
                 and gate.transport is not None and not gate.handedOver):
             return Failure(ConnectFailed(
                 f"TLS handshake with {where} did not complete within {options['timeout']:g}s: "
-                "is it a TLS port, and is the server answering?"))
+                "is it a TLS port (leave out --tls, or use tcp:, if it is plain TCP), and is the server answering?"))
         return Failure(connectFailure(failure, where))
 
     d = options.endpoint(reactor).connect(Factory.forProtocol(lambda: gate))
