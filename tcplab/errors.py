@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.python.failure import Failure
 
@@ -82,17 +83,20 @@ def connectFailure(failure: Failure, where: str) -> TcplabError:
         return ConnectFailed(f"connection to {where} refused: is the server running on that port?")
     if failure.check(ierror.DNSLookupError):
         return ConnectFailed(f"cannot resolve the host of {where}: check the name")
-    if failure.check(ierror.TimeoutError):
+    if failure.check(ierror.TimeoutError, defer.TimeoutError):
         return TimedOut(f"connecting to {where} timed out: is the host reachable?")
     if failure.check(ierror.NoRouteError):
         return ConnectFailed(f"no route to {where}: check the address and network")
-    if failure.check(ierror.SSLError):
-        return ConnectFailed(f"TLS handshake with {where} failed: {_reason(failure)}")
+    if (tls := tlsFailure(failure, where)) is not None:
+        return tls
     return ConnectFailed(f"cannot connect to {where}: {_reason(failure)}")
 
 
-def tlsFailure(reason: Failure | None) -> TcplabError | None:
-    """A TLS handshake or verification failure hidden in a lost connection, as one line."""
+def tlsFailure(reason: Failure | None, where: str | None = None) -> TcplabError | None:
+    """A TLS handshake or verification failure hidden in a lost connection, as one line
+    (or the one-line error a connection's stand-in already put there, see tcplab.tlsclient)."""
+    if reason is not None and reason.check(TcplabError):
+        return reason.value  # type: ignore[return-value]
     try:
         from OpenSSL.SSL import Error as SSLError
     except ImportError:  # pragma: no cover
@@ -103,8 +107,12 @@ def tlsFailure(reason: Failure | None) -> TcplabError | None:
     errors = reason.value.args[0] if reason.value.args else None
     if isinstance(errors, list) and errors and isinstance(errors[-1], tuple):
         detail = str(errors[-1][-1])
-    hint = ": is --ca the CA that signed the server's certificate?" if "certificate" in detail else ""
-    return ConnectFailed(f"TLS handshake failed ({detail}){hint}")
+    with_ = f" with {where}" if where else ""
+    if "certificate" in detail:
+        hint = ": is --ca the CA that signed the server's certificate?"
+    else:
+        hint = f": is {where or 'the server'} a TLS port? (leave out --tls, or use tcp:, if it is plain TCP)"
+    return ConnectFailed(f"TLS handshake failed ({detail}){with_}{hint}")
 
 
 def _reason(failure: Failure) -> str:

@@ -487,13 +487,13 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"no echo for 0.5s", result.stderr)
 
     def test_stalledTLSHandshake(self) -> None:
-        """``--tls`` to a server that accepts and never answers: exit 5 with a line naming the handshake."""
+        """``--tls`` to a server that accepts and never answers is a TLS failure: exit 3, one line naming the handshake."""
         with socket.socket() as silent:
             silent.bind(("127.0.0.1", 0))
             silent.listen()
             port = silent.getsockname()[1]
             result = runTcplab("echo", "--tls", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
-        self.assertEqual(result.returncode, ExitCode.TIMEOUT, result.stderr)
+        self.assertEqual(result.returncode, ExitCode.CONNECT, result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
         self.assertIn(b"TLS handshake", result.stderr)
 

@@ -32,7 +32,7 @@ class InternalErrorTests(SynchronousTestCase):
         """A bug inside a command is exit 1 with one line on stderr, never a traceback."""
         result = subprocess.run([sys.executable, "-c", BOOM], capture_output=True, timeout=30, env=childEnv())
         self.assertEqual(result.returncode, 1, result.stderr)
-        self.assertEqual(result.stderr, b"tcplab: unexpected error: RuntimeError: boom\n")
+        self.assertEqual(result.stderr, b"tcplab: unexpected error (RuntimeError: boom): please report it\n")
 
 
 class SendOutputTests(TestCase):

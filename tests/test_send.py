@@ -31,9 +31,11 @@ from tcplab.cli.send import Item, collectFiles
 from tcplab.errors import (
     AlreadyExists,
     ConnectionLostError,
+    ExitCode,
     LocalFileError,
     RefusedByServer,
     TimedOut,
+    UsageProblem,
     VerificationFailed,
 )
 from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode, unsentBytes
@@ -651,7 +653,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertIn("2 of 2", err)
 
     async def test_stalledTLSHandshake(self) -> None:
-        """``send --tls`` to a server that never answers the handshake: exit 5, a line naming the handshake."""
+        """``send --tls`` to a server that never answers the handshake is a TLS failure: exit 3, a line naming the handshake."""
         self.source("a", b"x")
         silent = socket.socket()
         self.addCleanup(silent.close)
@@ -659,7 +661,7 @@ class ExitCodeTests(LoopbackTestCase):
         silent.listen()
         _, err, code = await self.run_("--tls", "--host", "127.0.0.1", "--port", str(silent.getsockname()[1]),
                                        "--timeout", "0.5", "a")
-        self.assertEqual(code, 5, err)
+        self.assertEqual(code, 3, err)
         self.assertIn("TLS handshake", err)
         self.assertNotIn("no progress", err)
 
@@ -1035,5 +1037,6 @@ class ServerOptionsTests(SynchronousTestCase):
         missing = os.path.join(self.dir, "missing")
         message = self.refused("--token-file", missing)
         self.assertIn(f"cannot read --token-file '{missing}'", message)
-        clientError = self.assertRaises(usage.UsageError, send.Options().parseOptions, ["--token-file", missing, "a"])
+        clientError = self.assertRaises(UsageProblem, send.Options().parseOptions, ["a", "--token-file", missing])
+        self.assertEqual(clientError.code, ExitCode.USAGE)
         self.assertEqual(str(clientError), message)

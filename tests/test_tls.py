@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 from collections.abc import Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.errors import ExitCode
+from tcplab.errors import ConnectFailed, ExitCode
+from tcplab.tlsclient import nameProblem
 from tests.support import ServerProcess, childEnv, runTcplab, scratch
-from tests.tlsutil import makeCertificates
+from tests.tlsutil import makeCertificates, makeNamedCertificates
 
 UNTRUSTED = b"TLS handshake failed (certificate verify failed)"
 
@@ -210,3 +212,183 @@ class FileOverTLSTests(unittest.TestCase):
         self.assertEqual((code, out, err.count(b"\n")), (ExitCode.REFUSED, b"", 1), err)
         self.assertIn(b"--max-per-peer): close one or try again later (too-many-connections)", err)
         self.assertEqual(os.listdir(self.dir), [])
+
+
+class Recorder(Protocol):
+    """Echoes what it gets and keeps a copy, to see whether a client sent anything at all."""
+
+    def __init__(self, received: list[bytes]) -> None:
+        self.received = received
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class ServerNameTests(unittest.TestCase):
+    """The certificate must name the host asked for (subjectAltName; CN is not a name), checked by
+    tcplab itself, or nothing is sent: exit 3, one line naming the host and what the certificate names."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.certs = makeNamedCertificates(scratch(self))
+        self.src = scratch(self)
+        with open(os.path.join(self.src, "a.txt"), "wb") as f:
+            f.write(b"secret bytes\n")
+
+    async def serve(self, label: str) -> tuple[int, list[bytes]]:
+        """A TLS server in this process, with the certificate ``label``; what it receives is returned."""
+        received: list[bytes] = []
+        endpoint = serverFromString(reactor, f"ssl:0:privateKey={self.certs[label]}:interface=127.0.0.1")
+        port = await endpoint.listen(Factory.forProtocol(lambda: Recorder(received)))
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, received
+
+    def ca(self, label: str) -> str:
+        return self.certs["cn-only-ca"] if label == "cn-only" else self.certs["ca"]
+
+    async def test_rightNamePasses(self) -> None:
+        """A certificate with localhost in its subjectAltName is accepted, by --tls and by tls: alike."""
+        port, received = await self.serve("right")
+        for argv in (["--tls", "--host", "localhost", "--port", str(port)],
+                     ["--connect", f"tls:host=localhost:port={port}"],
+                     ["--connect", f"tls:host=127.0.0.1:port={port}"]):
+            code, out, err = await tcplab("echo", "--timeout", "5", "--ca", self.ca("right"), *argv, "hello")
+            self.assertEqual((code, out, err), (0, b"hello\n", b""), argv)
+        self.assertEqual(b"".join(received), b"hello\n" * 3)
+
+    async def test_wrongNameRefusedBeforeAnyByte(self) -> None:
+        """SAN for other.example, or only CN=localhost: exit 3 for echo and send, the server gets nothing."""
+        for label, names in (("other", b"is for other.example, not localhost"),
+                             ("cn-only", b"names no host (no subjectAltName; its CN=localhost")):
+            port, received = await self.serve(label)
+            for command, operand in (("echo", "hello"), ("send", "a.txt")):
+                for argv in (["--tls", "--host", "localhost", "--port", str(port)],
+                             ["--connect", f"tls:host=localhost:port={port}"]):
+                    code, out, err = await tcplab(command, "--timeout", "5", "--ca", self.ca(label), *argv,
+                                                  operand, cwd=self.src)
+                    context = (label, command, argv, err)
+                    self.assertEqual((code, out, err.count(b"\n")), (ExitCode.CONNECT, b"", 1), context)
+                    self.assertTrue(err.startswith(b"tcplab: TLS: the server's certificate "), context)
+                    self.assertIn(names, err, context)
+                    self.assertNotIn(b"--resume", err, context)
+            self.assertEqual(received, [], label)
+
+    async def test_tokenNotSentToWrongName(self) -> None:
+        """``tcplab send`` with a token never gives it to a server whose certificate is for another name."""
+        port, received = await self.serve("other")
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tcplab", "send", "--tls", "--ca", self.certs["ca"], "--port", str(port),
+                             "a.txt"], env={**childEnv(), "TCPLAB_TOKEN": "s3cret"}, path=self.src)
+        self.assertEqual(code, ExitCode.CONNECT, err)
+        self.assertEqual(received, [])
+
+    async def test_whateverTwistedChecks(self) -> None:
+        """With a Twisted whose own check lets every name through, tcplab still refuses another name."""
+        from twisted.internet import _sslverify
+
+        from tcplab.cli.common import ClientOptions, connect
+
+        self.patch(_sslverify, "_verifyCB", lambda *a: lambda conn, cert, err, depth, ok: ok)
+        for label, refused in (("other", True), ("cn-only", True), ("right", False)):
+            port, received = await self.serve(label)
+            options = ClientOptions()
+            options.parseOptions(["--tls", "--ca", self.ca(label), "--port", str(port), "--timeout", "5"])
+            client = Protocol()
+            attempt = connect(reactor, options, client)
+            if refused:
+                error = await self.assertFailure(attempt, ConnectFailed)
+                self.assertIn("TLS: the server's certificate", str(error))
+                self.assertEqual(received, [], label)
+            else:
+                self.assertIs(await attempt, client)
+                client.transport.loseConnection()  # type: ignore[union-attr]
+
+    def test_nameProblemInProcess(self) -> None:
+        """The check itself: right name and address pass; another name and CN-only are named in the refusal."""
+        from cryptography import x509
+
+        def cert(label: str) -> x509.Certificate:
+            with open(self.certs[label], "rb") as f:
+                return x509.load_pem_x509_certificate(f.read())
+
+        self.assertIsNone(nameProblem(cert("right"), "localhost"))
+        self.assertIsNone(nameProblem(cert("right"), "127.0.0.1"))
+        self.assertIn("is for localhost, 127.0.0.1, not example.org", nameProblem(cert("right"), "example.org") or "")
+        self.assertIn("is for localhost, 127.0.0.1, not 127.0.0.2", nameProblem(cert("right"), "127.0.0.2") or "")
+        self.assertIn("is for other.example, not localhost", nameProblem(cert("other"), "localhost") or "")
+        self.assertIn("names no host", nameProblem(cert("cn-only"), "localhost") or "")
+
+
+class TLSMismatchTests(unittest.TestCase):
+    """Plain TCP to a TLS port and TLS to a plain port: exit 3 and a line that says TLS and what to
+    check, never "connection lost … --resume" nor "the server closed the connection"."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.certs = makeCertificates(scratch(self))
+        self.src = scratch(self)
+        self.dir = scratch(self)
+        with open(os.path.join(self.src, "a.txt"), "wb") as f:
+            f.write(b"x" * 1000)
+
+    def assertTLSFailure(self, code: int, out: bytes, err: bytes, context: object) -> None:
+        self.assertEqual((code, out, err.count(b"\n")), (ExitCode.CONNECT, b"", 1), (context, err))
+        self.assertIn(b"TLS", err, context)
+        self.assertIn(b"--tls", err, context)
+        self.assertNotIn(b"--resume", err, context)
+        self.assertNotIn(b"closed the connection (", err, context)
+
+    async def test_plainToTLSPort(self) -> None:
+        """``tcplab echo``/``send`` without --tls to a TLS server: exit 3, "use --tls"."""
+        for plugin, command, operand in (("tcplab-echo", "echo", "hello"), ("tcplab-file", "send", "a.txt")):
+            extra = ["--dir", self.dir] if plugin == "tcplab-file" else []
+            server = ServerProcess(plugin, "--listen", sslListen(self.certs), *extra)
+            self.addCleanup(server.stop)
+            code, out, err = await tcplab(command, "--timeout", "5", "--host", "127.0.0.1", "--port",
+                                          str(server.port), operand, cwd=self.src)
+            self.assertTLSFailure(code, out, err, command)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    async def test_tlsToPlainPort(self) -> None:
+        """``tcplab echo``/``send --tls`` to a plain server: exit 3, "is it a TLS port?"."""
+        for plugin, command, operand in (("tcplab-echo", "echo", "hello"), ("tcplab-file", "send", "a.txt")):
+            extra = ["--dir", self.dir] if plugin == "tcplab-file" else []
+            server = ServerProcess(plugin, "--port", "0", "--interface", "127.0.0.1", *extra)
+            self.addCleanup(server.stop)
+            code, out, err = await tcplab(command, "--timeout", "3", "--tls", "--ca", self.certs["ca"], "--host",
+                                          "localhost", "--port", str(server.port), operand, cwd=self.src)
+            self.assertTLSFailure(code, out, err, command)
+            self.assertIn(b"TLS port", err, command)
+
+    async def test_serverAnswersInTLS(self) -> None:
+        """A server that answers plain text with a TLS alert and hangs up is named as a TLS port."""
+        received: list[bytes] = []
+
+        class Alerting(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+                self.transport.write(b"\x15\x03\x03\x00\x02\x02\x46")  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory.forProtocol(Alerting))
+        self.addCleanup(port.stopListening)
+        code, out, err = await tcplab("echo", "--timeout", "5", "--host", "127.0.0.1", "--port",
+                                      str(port.getHost().port), "hello")
+        self.assertTLSFailure(code, out, err, "alert")
+        self.assertIn(b"is a TLS port", err)
+        self.assertEqual(len(received), 2, "the line sent, then the probe's ClientHello")
+
+    async def test_stalledHandshake(self) -> None:
+        """A server that accepts and never answers the ClientHello: exit 3 naming the handshake, after --timeout."""
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            port = silent.getsockname()[1]
+            for command, operand in (("echo", "hello"), ("send", "a.txt")):
+                code, out, err = await tcplab(command, "--timeout", "0.5", "--tls", "--ca", self.certs["ca"],
+                                              "--host", "localhost", "--port", str(port), operand, cwd=self.src)
+                self.assertTLSFailure(code, out, err, command)
+                self.assertIn(b"TLS handshake with localhost:%d did not complete within 0.5s" % port, err)

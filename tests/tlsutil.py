@@ -1,4 +1,4 @@
-"""A throwaway CA and a server certificate for 127.0.0.1/localhost, made at test time."""
+"""Throwaway CAs and server certificates (for localhost, for other names, without names), made at test time."""
 
 from __future__ import annotations
 
@@ -57,4 +57,51 @@ def makeCertificates(directory: str, rsaServer: bool = False) -> dict[str, str]:
     with open(paths["server"], "wb") as f:
         f.write(serverCert.public_bytes(pem))
         f.write(serverKey.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def makeNamedCertificates(directory: str) -> dict[str, str]:
+    """Server certificates (certificate + key in one PEM) that a client of ``localhost`` must tell apart:
+
+    - ``right``: signed by ``ca``, subjectAltName localhost and 127.0.0.1;
+    - ``other``: signed by ``ca``, subjectAltName other.example only;
+    - ``cn-only``: self-signed, CN=localhost and no subjectAltName (trust it with itself as --ca).
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pem = serialization.Encoding.PEM
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caCert = (
+        x509.CertificateBuilder().subject_name(_name("tcplab names CA")).issuer_name(_name("tcplab names CA"))
+        .public_key(caKey.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(caKey, hashes.SHA256())
+    )
+    paths = {"ca": os.path.join(directory, "names-ca.pem")}
+    with open(paths["ca"], "wb") as f:
+        f.write(caCert.public_bytes(pem))
+
+    def server(label: str, common: str, names: list[x509.GeneralName] | None, selfSigned: bool = False) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(_name(common))
+            .issuer_name(_name(common) if selfSigned else caCert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        )
+        if names is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(key if selfSigned else caKey, hashes.SHA256())
+        paths[label] = os.path.join(directory, f"{label}.pem")
+        with open(paths[label], "wb") as f:
+            f.write(cert.public_bytes(pem))
+            f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        if selfSigned:
+            paths[f"{label}-ca"] = os.path.join(directory, f"{label}-ca.pem")
+            with open(paths[f"{label}-ca"], "wb") as f:
+                f.write(cert.public_bytes(pem))
+
+    server("right", "localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server("other", "other.example", [x509.DNSName("other.example")])
+    server("cn-only", "localhost", None, selfSigned=True)
     return paths

@@ -2,23 +2,26 @@
 
 This is the only place that turns an error into a line on stderr and an exit
 status (see ``tcplab.errors.ExitCode``); commands and protocols just fail.
+
+Only the standard library is imported at module level: ``main`` installs the
+Ctrl-C handler first, so an interrupt while Twisted is still being imported ends
+with one line too, not a traceback.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
 
-from twisted.internet import task
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.python import usage
-from twisted.python.failure import Failure
+try:  # the C module: ``signal`` builds enums on import, which takes longer than Ctrl-C may wait
+    import _signal as signal
+except ImportError:  # pragma: no cover - not CPython
+    import signal  # type: ignore[no-redef]
 
-from tcplab import __version__
-from tcplab.errors import ExitCode, TcplabError
+TYPE_CHECKING = False  # typing itself takes a while to import: not before the handler is in place
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn
 
 #: name -> (module holding ``Options`` and ``run``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,99 +30,162 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tcplab.cli.demo", "Replay the whole lab on loopback: echo, multi-client, file transfer."),
 }
 
+INTERRUPTED = 130
+INTERRUPTED_LINE = b"tcplab: interrupted\n"
 
-def _commandOptions(module: str) -> type[usage.Options]:
-    return importlib.import_module(module).Options  # type: ignore[no-any-return]
+#: While the reactor runs: what a Ctrl-C does (stop it, then exit 130).
+_onInterrupt: Callable[[], None] | None = None
+_interrupted = False
 
 
-class Options(usage.Options):
-    synopsis = "tcplab COMMAND [options]   (tcplab COMMAND --help for each)"
-    longdesc = "Clients for the tcplab servers. Exit codes: " + ", ".join(
-        f"{c.value} {c.name.lower()}" for c in ExitCode
-    )
+def _interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    if _interrupted or _onInterrupt is None:
+        # Still starting (nothing to clean up yet), or a second Ctrl-C: do not wait for anything.
+        # Not KeyboardInterrupt: raised inside an import or a C callback, it can print a traceback.
+        _stdoutDone()
+        os.write(2, INTERRUPTED_LINE)
+        os._exit(INTERRUPTED)
+    _interrupted = True
+    _onInterrupt()
 
-    @property
-    def subCommands(self):  # type: ignore[no-untyped-def]
-        return [
-            (name, None, lambda module=module: _commandOptions(module)(), description)
-            for name, (module, description) in COMMANDS.items()
-        ]
 
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"tcplab {__version__}")
-        sys.exit(0)
+def _stdoutDone() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError(f"name a command: {', '.join(COMMANDS)}")
+
+def _stillInterrupted() -> None:
+    """A Ctrl-C once the reactor is done: the exit status says so (130), nothing else to stop."""
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``tcplab`` console script and ``python -m tcplab``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    options = Options()
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        options.parseOptions(args)
-    except usage.UsageError as e:
-        command = f"tcplab {options.subCommand}" if options.subCommand else "tcplab"
-        _fail(f"{command}: {e} (see {command} --help)", ExitCode.USAGE)
-    except TcplabError as e:
-        _fail(f"tcplab: {e}", e.code)
-    module = importlib.import_module(COMMANDS[options.subCommand][0])
-    finished = interrupted = False
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    except BrokenPipeError:  # ``tcplab echo --help | head -1``
+        from tcplab.cli.common import silenceStdout
 
-    def _run(reactor: object) -> Deferred[None]:
-        def onShutdown() -> None:
-            nonlocal interrupted
-            interrupted = not finished
-
-        def done(result: object) -> object:
-            nonlocal finished
-            finished = True
-            if interrupted:
-                _message("tcplab: interrupted")
-                raise SystemExit(int(ExitCode.INTERRUPTED))
-            return result
-
-        # A signal stops the reactor, which closes stdin and connections: that must
-        # not pass for success, whatever the command makes of it.
-        reactor.addSystemEventTrigger("before", "shutdown", onShutdown)  # type: ignore[attr-defined]
-        return ensureDeferred(module.run(reactor, options.subOptions)).addBoth(done).addErrback(_exitFor)
-
-    try:
-        task.react(_run)
-    except SystemExit:
-        if not finished:
-            _fail("tcplab: interrupted", ExitCode.INTERRUPTED)
-        raise
-    raise AssertionError("react returned")  # pragma: no cover
-
-
-def _exitFor(failure: Failure) -> NoReturn:
-    """The one mapping from a failure to a line on stderr and an exit status."""
-    if failure.check(TcplabError):
-        error: TcplabError = failure.value  # type: ignore[assignment]
-        _message(f"tcplab: {error}")
-        raise SystemExit(int(error.code))
-    if failure.check(SystemExit):
-        failure.raiseException()
-    if failure.check(BrokenPipeError):
-        # The reader of our output went away (``tcplab echo | head``): end quietly, as cat does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(int(ExitCode.BROKEN_PIPE))
-    if failure.check(KeyboardInterrupt):
+        silenceStdout()
+        code = 141
+    if _interrupted:
+        code = INTERRUPTED
+    if code == INTERRUPTED:
         _message("tcplab: interrupted")
-        raise SystemExit(int(ExitCode.INTERRUPTED))
-    _message(f"tcplab: unexpected error: {failure.type.__name__}: {failure.getErrorMessage()}")
-    raise SystemExit(int(ExitCode.FAILURE))
+    sys.exit(code)
+
+
+def _main(args: list[str]) -> int:
+    import argparse
+    import importlib
+
+    from tcplab import __version__
+    from tcplab.cli.common import _Parser
+    from tcplab.errors import ExitCode, UsageProblem
+
+    top = _Parser(prog="tcplab", usage="tcplab COMMAND [options]   (tcplab COMMAND --help for each)",
+                  description="Clients for the tcplab servers. Options may come before or after operands; "
+                              "-- ends them.",
+                  epilog="Exit codes: " + ", ".join(f"{c.value} {c.name.lower().replace('_', ' ')}" for c in ExitCode),
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"tcplab {__version__}",
+                     help="Print tcplab's version and exit.")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, description) in COMMANDS.items():
+        commands.add_parser(name, help=description, add_help=False)
+    command = "tcplab"
+    try:
+        parsed, rest = top.parse_known_args(args)
+        command = f"tcplab {parsed.command}"
+        module = importlib.import_module(COMMANDS[parsed.command][0])
+        options = module.Options()
+        options.parseOptions(rest)
+    except UsageProblem as e:
+        _message(f"{command}: {e} (see {command} --help)")
+        return int(ExitCode.USAGE)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    return _runCommand(module.run, options)
+
+
+def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
+    """Run one command on the reactor; the first way it ends decides the exit status."""
+    global _onInterrupt
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.error import ReactorNotRunning
+    from twisted.logger import LogLevel, globalLogBeginner
+    from twisted.python.failure import Failure
+
+    from tcplab.cli import common
+    from tcplab.errors import ExitCode
+
+    outcome: list[int] = []
+
+    def finish(code: int) -> None:
+        if not outcome:
+            outcome.append(code)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def ended(result: object) -> None:
+        if outcome or _interrupted:
+            return  # already ending (Ctrl-C, stdout gone): what the command makes of it is moot
+        finish(_exitFor(result) if isinstance(result, Failure) else int(ExitCode.OK))
+
+    def unhandled(event: dict[str, Any]) -> None:
+        """An error Twisted would print as a traceback: one line instead, and the command ends."""
+        failure = event.get("log_failure")
+        if failure is None or event.get("log_level") != LogLevel.critical or outcome or _interrupted:
+            return
+        if failure.check(BrokenPipeError):
+            common.outputGone()
+            return
+        finish(_exitFor(failure))
+
+    common.whenOutputGone = lambda: finish(int(ExitCode.BROKEN_PIPE))
+    globalLogBeginner.beginLoggingTo([unhandled], discardBuffer=True, redirectStandardIO=False)
+    _onInterrupt = lambda: reactor.callFromThread(finish, INTERRUPTED)  # noqa: E731
+    reactor.callWhenRunning(lambda: ensureDeferred(run(reactor, options)).addBoth(ended))
+    if _interrupted:
+        return INTERRUPTED
+    reactor.run(installSignalHandlers=False)
+    _onInterrupt = _stillInterrupted
+    return INTERRUPTED if _interrupted else outcome[0] if outcome else int(ExitCode.FAILURE)
+
+
+def _exitFor(failure: Any) -> int:
+    """The one mapping from a failure to a line on stderr and an exit status."""
+    from tcplab.cli import common
+    from tcplab.errors import ExitCode, TcplabError
+
+    if failure.check(TcplabError):
+        error: TcplabError = failure.value
+        _message(f"tcplab: {error}")
+        return int(error.code)
+    if failure.check(SystemExit):
+        return int(failure.value.code or 0)
+    if failure.check(BrokenPipeError):
+        # The reader of our output went away (``tcplab send | head``): end quietly, as cat does.
+        common.silenceStdout()
+        return int(ExitCode.BROKEN_PIPE)
+    if failure.check(KeyboardInterrupt):
+        return INTERRUPTED
+    text = " ".join(failure.getErrorMessage().split())
+    _message(f"tcplab: unexpected error ({failure.type.__name__}: {text}): please report it")
+    return int(ExitCode.FAILURE)
 
 
 def _message(line: str) -> None:
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
     print(line, file=sys.stderr, flush=True)
-
-
-def _fail(line: str, code: int) -> NoReturn:
-    _message(line)
-    sys.exit(int(code))

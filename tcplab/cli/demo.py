@@ -7,6 +7,7 @@ over real sockets on 127.0.0.1. Server log lines are shown as they happen.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
@@ -20,11 +21,10 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
-from twisted.python import usage
 from zope.interface import provider
 
 from tcplab.cli import send as sendcli
-from tcplab.cli.common import ClientOptions, connect
+from tcplab.cli.common import ClientOptions, CommandOptions, connect
 from tcplab.echoclient import EchoClient, LineBuffer
 from tcplab.errors import LocalFileError, TcplabError
 from tcplab.tap import echo as echotap
@@ -34,12 +34,15 @@ from tcplab.tap import multi as multitap
 Say = Callable[[str], None]
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
+    command = "demo"
     synopsis = "[--dir DIR]"
-    longdesc = "Replay the lab's three tasks on loopback: echo, a multi-client storm and chat, a verified upload."
-    optParameters = [
-        ["dir", "d", None, "Folder for Task 3's files (default: a temporary folder, removed afterwards)."],
-    ]
+    description = "Replay the lab's three tasks on loopback: echo, a multi-client storm and chat, a verified upload."
+
+    @classmethod
+    def addArguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-d", "--dir", default=None, help="Folder for Task 3's files "
+                            "(default: a temporary folder, removed afterwards).")
 
 
 class DemoFailed(TcplabError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import sys
@@ -19,23 +20,29 @@ MAX_DATAGRAM = 65507
 
 
 class Options(ClientOptions):
-    synopsis = "[--host H] [--port P] [--connect ENDPOINT] [--timeout S] [--udp] [MESSAGE ...]"
-    longdesc = (
+    command = "echo"
+    synopsis = ("[--host H] [--port P] [--connect ENDPOINT] [--tls] [--ca PEM] [--timeout S] [--udp] "
+                "[MESSAGE ...]")
+    description = (
         "With MESSAGEs: send each as a line, print each echo, exit 0 once all came back. "
         "Without: send stdin's lines and print everything the server sends (a chat client for "
         "tcplab-multi); at end of input wait up to --timeout for the echoes still due."
     )
-    optFlags = [["udp", "u", "Use UDP datagrams (one per message) instead of TCP."]]
+    operands = "messages"
+    operandName = "MESSAGE"
+    operandHelp = "Lines to send (default: stdin's lines)."
 
-    def parseArgs(self, *messages: str) -> None:
-        self["messages"] = [line for m in messages for line in os.fsencode(m).split(b"\n")]
+    @classmethod
+    def addArguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().addArguments(parser)
+        parser.add_argument("-u", "--udp", action="store_true",
+                            help="Use UDP datagrams (one per message) instead of TCP (default: off).")
 
     def postOptions(self) -> None:
+        self["messages"] = [line for m in self["messages"] for line in os.fsencode(m).split(b"\n")]
         super().postOptions()
         if self["udp"] and self["connect"]:
-            from twisted.python import usage
-
-            raise usage.UsageError("--udp takes --host/--port, not --connect")
+            raise UsageProblem("--udp takes --host/--port, not --connect")
 
 
 async def run(reactor: object, options: Options) -> None:

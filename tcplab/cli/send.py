@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
-
-from twisted.python import usage
 
 from tcplab.cli.common import ClientOptions, connect
 from tcplab.errors import (
@@ -19,6 +18,7 @@ from tcplab.errors import (
     RefusedByServer,
     TcplabError,
     TimedOut,
+    UsageProblem,
     VerificationFailed,
 )
 from tcplab.fileclient import CHUNK_SIZE, FileSender, ServerBusy, Uploader
@@ -26,9 +26,10 @@ from tcplab.filewire import TOKEN_ENV, Clash, TokenError, escapeName, loadToken
 
 
 class Options(ClientOptions):
-    synopsis = ("FILE... [-r] [--host H] [--port 9000] [--connect ENDPOINT] [--token-file F] [--resume] "
-                "[--quiet] [--no-rename]")
-    longdesc = (
+    command = "send"
+    synopsis = ("FILE... [-r] [--host H] [--port P] [--connect ENDPOINT] [--tls] [--ca PEM] [--token-file F] "
+                "[--resume] [--quiet] [--no-rename] [--timeout S]")
+    description = (
         "Send each FILE (with -r, folders too, relative paths kept) to a tcplab-file server, which stores "
         "it verified by SHA-256; print the name it was stored under. Exit 0 only when every file is stored: "
         "2 usage, 3 cannot connect, 4 connection lost, 5 timed out, 6 local file problem, 7 refused by the "
@@ -36,26 +37,33 @@ class Options(ClientOptions):
         f"come from ${TOKEN_ENV}."
     )
     defaultPort = 9000
+    operands = "files"
+    operandName = "FILE"
+    operandHelp = "Files to send (folders with -r)."
 
-    optFlags = [
-        ["recursive", "r", "Send folders and everything in them."],
-        ["resume", None, "Continue interrupted uploads from what the server already holds."],
-        ["quiet", "q", "No progress bar (stored names are still printed)."],
-        ["no-rename", None, "Fail (exit 8) instead of storing under a new name when the name is taken."],
-    ]
-    optParameters = [["token-file", None, None, f"Send the token in this file (or set ${TOKEN_ENV})."]]
-
-    def parseArgs(self, *files: str) -> None:
-        if not files:
-            raise usage.UsageError("name at least one FILE to send")
-        self["files"] = list(files)
+    @classmethod
+    def addArguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().addArguments(parser)
+        parser.add_argument("-r", "--recursive", action="store_true",
+                            help="Send folders and everything in them (default: off).")
+        parser.add_argument("--resume", action="store_true",
+                            help="Continue interrupted uploads from what the server already holds (default: off).")
+        parser.add_argument("-q", "--quiet", action="store_true",
+                            help="No progress bar; stored names are still printed (default: off).")
+        parser.add_argument("--no-rename", dest="no-rename", action="store_true",
+                            help="Fail (exit 8) instead of storing under a new name when the name is taken "
+                                 "(default: off).")
+        parser.add_argument("--token-file", dest="token-file", default=None, metavar="F",
+                            help=f"Send the token in this file (default: ${TOKEN_ENV}).")
 
     def postOptions(self) -> None:
+        if not self["files"]:
+            raise UsageProblem("name at least one FILE to send")
         super().postOptions()
         try:
             self["token"] = loadToken(self["token-file"])
         except TokenError as e:
-            raise usage.UsageError(str(e)) from None  # a bad option value, like an unreadable --ca
+            raise UsageProblem(str(e)) from None  # a bad option value, like an unreadable --ca
 
 
 @dataclass(frozen=True)
