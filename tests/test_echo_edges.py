@@ -142,8 +142,9 @@ class HalfCloseLoopbackTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.path = os.path.join(scratch(self), "echo.sock")
-        self.server = ServerProcess("tcplab-echo", "--listen", "tcp:0:interface=127.0.0.1", "--listen",
-                                    f"unix:{self.path}")
+        # The UNIX socket first: the server is taken as started once its TCP port is.
+        self.server = ServerProcess("tcplab-echo", "--listen", f"unix:{self.path}", "--listen",
+                                    "tcp:0:interface=127.0.0.1")
         self.addCleanup(self.server.stop)
         drain(self.server)
 
