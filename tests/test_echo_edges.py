@@ -202,7 +202,7 @@ class HalfCloseLoopbackTests(unittest.TestCase):
 class IdleReaderTests(unittest.TestCase):
     def test_slowReaderIsNotIdle(self) -> None:
         """With ``--idle-timeout 0.5``, a client that sent 2 MiB and then only reads, slowly (50 KB/s),
-        for 3 s is not cut off, though most of its echo waits in the server's socket buffer meanwhile;
+        for 2 s is not cut off, though most of its echo waits in the server's socket buffer meanwhile;
         once it stops reading too, it is cut off."""
         server = ServerProcess("tcplab-echo", "--port", "0", "--interface", "127.0.0.1", "--idle-timeout", "0.5")
         self.addCleanup(server.stop)
@@ -216,7 +216,7 @@ class IdleReaderTests(unittest.TestCase):
         with tcpClient(server.port, rcvbuf=16 * KiB) as sock:
             exchange = Exchange(sock, got.extend)
             exchange.run(data, readSize=1024, halfClose=False, deadline=10, until=lambda: True)
-            readingUntil = time.monotonic() + 3
+            readingUntil = time.monotonic() + 2
             exchange.run(b"", readSize=1024, halfClose=False, pace=0.02,
                          until=lambda: cut() or time.monotonic() > readingUntil)
             self.assertFalse(cut(), f"cut off while reading, after {len(got)} of {len(data)} bytes")
@@ -266,7 +266,11 @@ class ThirdPartyClientTests(unittest.TestCase):
 
     def test_ncHalfClose(self) -> None:
         """``printf 'x\\n' | nc -N 127.0.0.1 PORT`` prints ``x`` in 100 runs of 100."""
-        self.runs([tool("nc"), "-N", "127.0.0.1", str(self.server.port)])
+        nc = tool("nc")
+        usage = subprocess.run([nc, "-h"], capture_output=True, timeout=10)
+        if b"-N" not in usage.stdout + usage.stderr:
+            raise unittest.SkipTest("this nc has no -N (it is not OpenBSD netcat)")
+        self.runs([nc, "-N", "127.0.0.1", str(self.server.port)])
 
     def test_ncat(self) -> None:
         """``printf 'x\\n' | ncat 127.0.0.1 PORT`` (which half-closes by default) prints ``x`` in 100 runs of 100."""
