@@ -137,8 +137,8 @@ class HalfCloseProtocolTests(unittest.TestCase):
         self.assertEqual(transport.value(), b"all I have")
 
 
-class HalfCloseLoopbackTests(unittest.TestCase):
-    """Against a real tcplab-echo listening on TCP and on a UNIX socket."""
+class RealServerCase(unittest.TestCase):
+    """Against a real tcplab-echo process listening on TCP and on a UNIX socket."""
 
     def setUp(self) -> None:
         self.path = os.path.join(scratch(self), "echo.sock")
@@ -148,6 +148,8 @@ class HalfCloseLoopbackTests(unittest.TestCase):
         self.addCleanup(self.server.stop)
         drain(self.server)
 
+
+class HalfCloseLoopbackTests(RealServerCase):
     def test_smallWindowGetsEveryByte(self) -> None:
         """64 KiB sent, then SHUT_WR, by a client with a 4 KiB receive buffer and 536-byte
         segments: all 64 KiB come back, then the close (17 KiB were lost before)."""
@@ -178,6 +180,7 @@ class HalfCloseLoopbackTests(unittest.TestCase):
                 got, closed = roundTrip(sock, data, readSize=2048, pace=0.0001)
             self.assertEqual((len(got), got == data, closed), (len(data), True, True))
 
+class ByteOrderTests(RealServerCase):
     def test_byteOrderUnderPartialWrites(self) -> None:
         """32 MiB of consecutive 64-bit counters through a small client receive window, read in
         small pieces while sending: every counter comes back, in sequence, each of 3 times (a
