@@ -5,13 +5,21 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from tcplab.flow import ReadThrottle, plainSocket, throttleReadsOnWrites, writeNow
+from tcplab.flow import (
+    ReadThrottle,
+    encryptEachWrite,
+    plainSocket,
+    throttleReadsOnWrites,
+    unsentBytes,
+    writeNow,
+)
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 
@@ -25,9 +33,18 @@ LOWEST_UDP_SOURCE_PORT = 1024
 #: Seconds a connection closed for --idle-timeout has to take what it is still owed before it is aborted.
 CLOSE_GRACE = 5.0
 
+#: The largest datagram the UDP echo reads whole: a UDP payload is at most 65507 bytes over
+#: IPv4 and 65527 over IPv6 (Twisted reads only 8192 by default and cuts the rest).
+MAX_DATAGRAM = 65535
 
+
+@implementer(IHalfCloseableProtocol)
 class Echo(Protocol):
-    """Send every byte back, and stop reading while the peer is not reading."""
+    """Send every byte back, and stop reading while the peer is not reading.
+
+    A peer that shuts down only its sending side (``nc -N``, ncat, ``shutdown(SHUT_WR)``) gets
+    every byte it is still owed before the close, as a pipe would give it.
+    """
 
     factory: EchoFactory
 
@@ -39,6 +56,8 @@ class Echo(Protocol):
     def connectionMade(self) -> None:
         self.peer = describeAddress(self.transport.getPeer())
         self._socket = plainSocket(self.transport)
+        if self._socket is None:
+            encryptEachWrite(self.transport)
         self.throttleReads()
         self.factory.connections += 1
         log.info("connection from {peer}", peer=self.peer)
@@ -49,6 +68,18 @@ class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.echoed += len(data)
         writeNow(self.transport, self._socket, data)
+
+    def readConnectionLost(self) -> None:
+        """The peer has sent all it will: close once what it is owed has been sent.
+
+        The read throttle goes first: with a paused producer registered, a drained transport
+        resumes the producer instead of closing; and there is nothing left to read anyway.
+        """
+        self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Never called: the echo does not shut down its own sending side alone."""
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connections -= 1
@@ -72,12 +103,15 @@ class TimedEcho(Echo, TimeoutMixin):
     """Echo under ``--idle-timeout``: a connection on which nothing arrives, and that does not read
     what it is owed either, for that long is closed (it would hold a socket forever otherwise).
 
-    A class of its own, so that without a timeout the echo path does not pay for it.
+    Reading is seen as what the server still owes going down (see :func:`unsentBytes`), so a
+    slow reader with a full buffer is not idle. A class of its own, so that without a timeout
+    the echo path does not pay for it.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.closing = False
+        self._owed: int | None = None
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
@@ -85,7 +119,8 @@ class TimedEcho(Echo, TimeoutMixin):
         self.setTimeout(self.factory.idleTimeout)
 
     def throttleReads(self) -> None:
-        """Reading our echoes is progress too: only a peer that neither sends nor reads is idle."""
+        """Reading our echoes is progress: the buffer drained (here), or what we owe went down
+        while it was full (:meth:`timeoutConnection`)."""
         self.transport.registerProducer(ProgressThrottle(self.transport, self.resetTimeout), True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -93,10 +128,16 @@ class TimedEcho(Echo, TimeoutMixin):
             return
         self.resetTimeout()
         super().dataReceived(data)
+        self._owed = unsentBytes(self.transport)
 
     def timeoutConnection(self) -> None:
         if self.closing:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        owed = unsentBytes(self.transport)
+        if owed is not None and self._owed is not None and owed < self._owed:
+            self._owed = owed
+            self.setTimeout(self.factory.idleTimeout)
             return
         self.closing = True
         self.factory.timedOut += 1

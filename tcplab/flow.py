@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 
@@ -47,6 +51,19 @@ def plainSocket(transport: ITransport) -> socket.socket | None:
     return transport.socket if isinstance(transport, tcp.Connection) else None  # type: ignore[return-value]
 
 
+def encryptEachWrite(transport: ITransport) -> None:
+    """Make a Twisted TLS transport encrypt each write at once instead of gathering small ones
+    until the next reactor turn.
+
+    Twisted's TLS drops what it has gathered when a close_notify is read in the same turn: a
+    client that half-closes over TLS (sends its data, then close_notify, then reads) would
+    lose up to 64 KB of its echo. Written at once, every byte read before the close_notify
+    goes out before the server's own close_notify.
+    """
+    if isinstance(transport, BufferingTLSTransport):
+        transport.write = TLSMemoryBIOProtocol.write.__get__(transport)  # type: ignore[method-assign]
+
+
 def writeNow(transport: ITransport, sock: socket.socket | None, data: bytes) -> None:
     """Write ``data``, straight into ``sock`` when the transport has nothing queued.
 
@@ -67,3 +84,23 @@ def writeNow(transport: ITransport, sock: socket.socket | None, data: bytes) -> 
             return
         data = data[sent:]
     transport.write(data)
+
+
+def unsentBytes(transport: ITransport) -> int | None:
+    """Bytes written to ``transport`` that its peer has not taken yet: those still queued in
+    Twisted and those the kernel has not had acknowledged (TCP) or read (UNIX).
+
+    It only goes down when the peer reads, so a drop in it tells a slow reader from one that
+    has stopped. Over TLS it counts the transport under the TLS layer. None when the transport
+    is not a socket (a test's fake transport).
+    """
+    if not isinstance(transport, tcp.Connection):
+        transport = getattr(transport, "transport", None)  # the TCP connection under TLS
+        if not isinstance(transport, tcp.Connection):
+            return None
+    queued = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    try:
+        inKernel = struct.unpack("i", fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        inKernel = 0
+    return queued + inKernel

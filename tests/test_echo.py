@@ -203,9 +203,16 @@ class LoopbackTests(unittest.TestCase):
         return d.addCallback(self.assertEqual, b"ping\x00")
 
     def test_udpPortInUseIsOneLine(self) -> None:
-        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
+        for _ in range(20):  # a UDP port whose TCP twin is free, so the UDP listen is what fails
+            taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(taken.close)
+            taken.bind(("127.0.0.1", 0))
+            with socket.socket() as twin:
+                try:
+                    twin.bind(taken.getsockname())
+                    break
+                except OSError:
+                    continue
         options = echotap.Options()
         options.parseOptions(["--port", str(taken.getsockname()[1]), "--interface", "127.0.0.1", "--udp"])
         service = echotap.makeService(options)

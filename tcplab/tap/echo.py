@@ -7,7 +7,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
-from tcplab.echo import EchoFactory, UDPEcho
+from tcplab.echo import MAX_DATAGRAM, EchoFactory, UDPEcho
 from tcplab.tap.options import (
     TCP_FAMILY,
     CannotListen,
@@ -64,7 +64,7 @@ class EchoService(service.MultiService):
         port, interface = host.port, host.host  # type: ignore[attr-defined]
         self.udp = UDPEcho(self.options["udp-rate"], self.options["udp-burst"], self.reactor.seconds)
         try:
-            self.udpPort = self.reactor.listenUDP(port, self.udp, interface=interface)
+            self.udpPort = self.reactor.listenUDP(port, self.udp, interface=interface, maxPacketSize=MAX_DATAGRAM)
         except CannotListenError as e:
             self.tcp.stopService()
             raise CannotListen(f"tcplab: cannot listen for UDP on {interface}:{port}: {e.socketError}") from None
