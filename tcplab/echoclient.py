@@ -17,7 +17,14 @@ from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcplab.errors import ConnectFailed, ConnectionLostError, TimedOut, VerificationFailed, tlsFailure
+from tcplab.errors import (
+    ConnectFailed,
+    ConnectionLostError,
+    TimedOut,
+    VerificationFailed,
+    handshakeTimedOut,
+    tlsFailure,
+)
 from tcplab.escaping import showable
 
 Output = Callable[[bytes], None]
@@ -133,11 +140,6 @@ class InputGate:
 
     def stopProducing(self) -> None:
         self.source.stopProducing()
-
-
-def handshakeTimedOut(seconds: float) -> TimedOut:
-    return TimedOut(f"the TLS handshake with the server did not finish in {seconds:g}s: "
-                    "is it a TLS server, and reachable? (--timeout)")
 
 
 @implementer(IHandshakeListener)

@@ -118,3 +118,9 @@ def tlsFailure(reason: Failure | None, where: str | None = None) -> TcplabError 
 def _reason(failure: Failure) -> str:
     text = failure.getErrorMessage().strip() or failure.type.__name__
     return " ".join(text.split())
+
+
+def handshakeTimedOut(seconds: float) -> TimedOut:
+    """A TLS handshake that did not finish: said as such, never as a missing echo or reply."""
+    return TimedOut(f"the TLS handshake with the server did not finish in {seconds:g}s: "
+                    "is it a TLS server, and reachable? (--timeout)")

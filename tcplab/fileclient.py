@@ -10,13 +10,9 @@ per-connection cap) and resuming from what the server holds when asked to.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
-import socket
 import stat
-import struct
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcplab.echoclient import handshakeTimedOut
+from tcplab import flow
 from tcplab.errors import (
     AlreadyExists,
     ConnectionLostError,
@@ -37,6 +33,7 @@ from tcplab.errors import (
     TcplabError,
     TimedOut,
     VerificationFailed,
+    handshakeTimedOut,
     tlsFailure,
 )
 from tcplab.filewire import (
@@ -67,28 +64,8 @@ PROGRESS_CHECK_SECONDS = 1.0
 
 
 def unsentBytes(transport: Any) -> int:
-    """Bytes written to ``transport`` that have not yet reached the peer: what Twisted (and a
-    TLS layer) still buffers, plus the kernel's send queue, which for TCP counts bytes sent but
-    not acknowledged (SIOCOUTQ). Without it a socket buffer of megabytes drains over a slow link
-    with nothing to show for it, and a steady upload would pass for a stalled one."""
-    unsent = 0
-    for _ in range(4):  # the app's transport, a TLS layer, the socket's transport
-        if transport is None:
-            break
-        unsent += len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-        unsent += getattr(transport, "_tempDataLen", 0)
-        unsent += sum(map(len, getattr(transport, "_appSendBuffer", None) or ()))
-        getHandle = getattr(transport, "getHandle", None)
-        handle = getHandle() if getHandle is not None else None
-        if isinstance(handle, socket.socket):
-            try:
-                queued = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-                unsent += struct.unpack("i", queued)[0]
-            except (OSError, AttributeError):  # not Linux, or not a socket that has a queue
-                pass
-            break
-        transport = getattr(transport, "transport", None)
-    return unsent
+    """:func:`tcplab.flow.unsentBytes`, with 0 for a transport that has no socket under it."""
+    return flow.unsentBytes(transport) or 0
 
 
 def _noProgress(n: int) -> None:

@@ -86,21 +86,29 @@ def writeNow(transport: ITransport, sock: socket.socket | None, data: bytes) -> 
     transport.write(data)
 
 
-def unsentBytes(transport: ITransport) -> int | None:
-    """Bytes written to ``transport`` that its peer has not taken yet: those still queued in
-    Twisted and those the kernel has not had acknowledged (TCP) or read (UNIX).
+def unsentBytes(transport: object) -> int | None:
+    """Bytes written to ``transport`` that its peer has not taken yet: what Twisted (and a TLS
+    layer) still buffers, plus the kernel's send queue (TIOCOUTQ: for TCP, bytes sent but not
+    acknowledged; for UNIX, bytes not read).
 
-    It only goes down when the peer reads, so a drop in it tells a slow reader from one that
-    has stopped. Over TLS it counts the transport under the TLS layer. None when the transport
-    is not a socket (a test's fake transport).
+    It only goes down as the peer reads, so a drop in it tells a slow reader from a stalled one,
+    and a socket buffer of megabytes draining over a slow link counts as progress. None when no
+    socket is found under the transport (a test's fake transport).
     """
-    if not isinstance(transport, tcp.Connection):
-        transport = getattr(transport, "transport", None)  # the TCP connection under TLS
-        if not isinstance(transport, tcp.Connection):
+    unsent = 0
+    for _ in range(4):  # the protocol's transport, a TLS layer, the socket's transport
+        if transport is None:
             return None
-    queued = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    try:
-        inKernel = struct.unpack("i", fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, ValueError):
-        inKernel = 0
-    return queued + inKernel
+        unsent += len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+        unsent += getattr(transport, "_tempDataLen", 0)
+        unsent += sum(map(len, getattr(transport, "_appSendBuffer", None) or ()))
+        getHandle = getattr(transport, "getHandle", None)
+        handle = getHandle() if getHandle is not None else None
+        if isinstance(handle, socket.socket):
+            try:
+                unsent += struct.unpack("i", fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except (OSError, ValueError):  # not Linux, or a socket without a send queue
+                pass
+            return unsent
+        transport = getattr(transport, "transport", None)
+    return None

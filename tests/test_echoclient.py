@@ -487,7 +487,7 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"no echo for 0.5s", result.stderr)
 
     def test_stalledTLSHandshake(self) -> None:
-        """``--tls`` to a server that accepts and never answers is a TLS failure: exit 3, one line naming the handshake."""
+        """``--tls`` to a server that never answers is a TLS failure: exit 3, one line naming the handshake."""
         with socket.socket() as silent:
             silent.bind(("127.0.0.1", 0))
             silent.listen()

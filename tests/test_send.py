@@ -653,7 +653,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertIn("2 of 2", err)
 
     async def test_stalledTLSHandshake(self) -> None:
-        """``send --tls`` to a server that never answers the handshake is a TLS failure: exit 3, a line naming the handshake."""
+        """``send --tls`` to a silent server is a TLS failure: exit 3, a line naming the handshake."""
         self.source("a", b"x")
         silent = socket.socket()
         self.addCleanup(silent.close)
