@@ -1,6 +1,5 @@
 """docs/GUARANTEES.md maps every documented promise to the tests that hold it: every test it
-names must exist, and every row must name one (or, under the pending heading only, the issue
-whose tests will hold it)."""
+names must exist, and every row must name one."""
 
 from __future__ import annotations
 
@@ -12,9 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAP = os.path.join(ROOT, "docs", "GUARANTEES.md")
-PENDING_HEADING = "Pending (held by tests landing with issues 11\u201313)"
 TEST_ID = re.compile(r"`(tests/test_\w+\.py)::(\w+)::(test_\w+)`")
-PENDING = re.compile(r"^pending: issue \d+ item \d+(, issue \d+ item \d+)*$")
 
 
 def rows(text: str) -> list[tuple[str, int, list[str]]]:
@@ -34,18 +31,12 @@ def rows(text: str) -> list[tuple[str, int, list[str]]]:
 def problems(text: str) -> list[str]:
     """What is wrong with a guarantees map: rows without a holder, names of tests that do not exist."""
     found = []
-    for heading, number, cells in rows(text):
+    for _, number, cells in rows(text):
         where = f"GUARANTEES.md line {number}"
         if len(cells) != 3:
             found.append(f"{where}: a row needs 3 cells (Promise | Stated in | Held by), has {len(cells)}")
             continue
         held = cells[2]
-        if held.startswith("pending:"):
-            if heading != PENDING_HEADING:
-                found.append(f"{where}: 'pending' is allowed only under '## {PENDING_HEADING}'")
-            elif not PENDING.match(held):
-                found.append(f"{where}: write pending rows as 'pending: issue N item M'")
-            continue
         ids = TEST_ID.findall(held)
         leftover = TEST_ID.sub("", held).replace(",", "").strip()
         if not ids:
@@ -87,8 +78,8 @@ class GuaranteesMapTests(SynchronousTestCase):
             self.assertTrue(any(doc in f" {s}" for s in stated), doc)
 
     def test_checkerCatchesBadRows(self) -> None:
-        """The checker refuses a missing module, class or method, a row without a test, and a
-        pending row outside the pending heading; it accepts pending rows under it."""
+        """The checker refuses a missing module, class or method, a row without a test, and words
+        where a test id belongs; it accepts a row of real test ids."""
         header = "| Promise | Stated in | Held by |\n|---|---|---|\n"
         good = "`tests/test_echo.py::EchoProtocolTests::test_everyFragmentSize`"
         cases = {
@@ -97,7 +88,7 @@ class GuaranteesMapTests(SynchronousTestCase):
             "`tests/test_echo.py::EchoProtocolTests::test_noSuchThing`": "no method",
             f"{good}, and more": "not a test id",
             "": "names no test",
-            "pending: issue 11 item 1": "allowed only under",
+            "pending: issue 11 item 1": "names no test",
         }
         for held, error in cases.items():
             with self.subTest(held=held):
@@ -105,6 +96,3 @@ class GuaranteesMapTests(SynchronousTestCase):
                 self.assertEqual(len(found), 1, found)
                 self.assertIn(error, found[0])
         self.assertEqual(problems(f"## Echo\n\n{header}| p | R x | {good} |\n"), [])
-        self.assertEqual(problems(f"## {PENDING_HEADING}\n\n{header}| p | R x | pending: issue 12 item 3 |\n"), [])
-        self.assertIn("'pending: issue N item M'",
-                      problems(f"## {PENDING_HEADING}\n\n{header}| p | R x | pending: later |\n")[0])
