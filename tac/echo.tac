@@ -1,7 +1,7 @@
 # twistd -ny tac/echo.tac : the echo server on port 7000 (edit the options below).
 from twisted.application import service
 
-from tcplab.tap import echo
+from tcplab.echo import tap as echo
 
 options = echo.Options()
 options.parseOptions(["--port", "7000"])

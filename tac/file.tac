@@ -2,7 +2,7 @@
 # received_<name> (edit the options below, e.g. "--dir", "/srv/drop", "--token-file", "token").
 from twisted.application import service
 
-from tcplab.tap import file
+from tcplab.file import tap as file
 
 options = file.Options()
 options.parseOptions(["--port", "9000", "--dir", ".", "--prefix", "received_"])

@@ -29,7 +29,7 @@ line full of controls, which is rare.)
 **Spellings.** ``escapeLine``/``escapeText`` (chat, logs, peer names) write a
 control or an undecodable byte as ``\\xHH`` (the byte), any other unsafe
 character as ``\\uHHHH`` (``\\UHHHHHHHH`` above U+FFFF) and ``\\`` as ``\\\\``.
-``escapeCodePoints`` is the same set in the file protocol's spelling, where
+``escapeName`` is the same set in the file protocol's spelling, where
 ``\\xHH`` is the code point U+00HH (a wire format, kept as it was so clients
 and servers of different versions read each other's names); names escape the
 tab as well, as a name is one field.
@@ -176,20 +176,26 @@ def showable(data: bytes) -> bytes:
     return _escapeRuns(text, _SHOW_MAYBE_UNSAFE, _spellByte, "\t\n", False).encode("utf-8")
 
 
-def escapeCodePoints(text: str, *, backslash: bool = True) -> str:
-    """``text`` on one terminal line in the file protocol's spelling (``\\xHH`` = U+00HH).
+def escapeName(text: str) -> str:
+    """A file name on one terminal line, reversibly, in the file protocol's spelling
+    (``\\xHH`` = U+00HH): the same unsafe set, and the tab as well (a name is one field)."""
+    return _escapeName(text, backslash=True)
 
-    The same unsafe set, and the tab as well (a name is one field). With
-    ``backslash=False`` backslashes stay, for messages that may already quote
-    escaped names and are only ever shown, never parsed back.
-    """
+
+def safeText(text: str) -> str:
+    """Like :func:`escapeName`, but backslashes stay: for messages, which may already quote
+    escaped names and are only ever shown, never parsed back."""
+    return _escapeName(text, backslash=False)
+
+
+def _escapeName(text: str, backslash: bool) -> str:
     if text.isprintable() and not (backslash and "\\" in text):
         return text
     return _escapeRuns(text, _MAYBE_UNSAFE_NAMES, _spellCodePoint, "", backslash)
 
 
-def unescapeCodePoints(text: str) -> str:
-    """Undo :func:`escapeCodePoints` (anything that is not one of its escapes stays as it is)."""
+def unescapeName(text: str) -> str:
+    """Undo :func:`escapeName` (anything that is not one of its escapes stays as it is)."""
     if "\\" not in text:
         return text
 

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides
 
 from tcplab.errors import ConnectFailed, tlsFailure
-from tcplab.filewire import escapeName
+from tcplab.escaping import escapeName
 
 #: At most this many of a certificate's names are quoted in a message.
 MAX_NAMES_SHOWN = 5

@@ -27,9 +27,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab import backplane as bp
-from tcplab.multi import HubClient, HubConfig, MultiHub
-from tcplab.tap import multi as multitap
+from tcplab.multi import backplane as bp
+from tcplab.multi import tap as multitap
+from tcplab.multi.hub import HubClient, HubConfig, MultiHub
 from tests.support import ServerProcess
 from tests.test_multi import FlowTransport
 from tests.test_multi_loopback import LineClient, chatLines

@@ -10,7 +10,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import reporter, unittest
 
 from tcplab.cli import demo
-from tcplab.tap import echo as echotap
+from tcplab.echo import tap as echotap
 from tests.support import runTcplab, scratch
 
 

@@ -15,11 +15,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial import unittest
 
-from tcplab.echo import Echo, EchoFactory, UDPEcho
+from tcplab.echo import tap as echotap
+from tcplab.echo.server import Echo, EchoFactory, UDPEcho
+from tcplab.listening import CannotListen, withBacklog
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
-from tcplab.tap import echo as echotap
-from tcplab.tap.options import CannotListen, withBacklog
 
 
 def connectedEcho() -> tuple[Echo, StringTransport]:

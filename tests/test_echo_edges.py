@@ -21,8 +21,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from tcplab.echo import EchoFactory, UDPEcho
-from tcplab.tap import echo as echotap
+from tcplab.echo import tap as echotap
+from tcplab.echo.server import EchoFactory, UDPEcho
 from tests.support import ServerProcess, scratch
 from tests.tlsutil import makeCertificates
 

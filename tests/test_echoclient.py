@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from tcplab.echoclient import (
+from tcplab.echo.client import (
     MAX_PENDING_BYTES,
     MAX_PENDING_LINES,
     MAX_UNMATCHED_LINE,

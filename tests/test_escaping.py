@@ -9,13 +9,14 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tcplab.escaping import (
-    escapeCodePoints,
     escapeLine,
+    escapeName,
     escapeText,
     isUnsafe,
+    safeText,
     showable,
-    unescapeCodePoints,
     unescapeLine,
+    unescapeName,
     unescapeText,
 )
 
@@ -88,9 +89,9 @@ class UnsafeSetTests(SynchronousTestCase):
     def test_eachNamedCharacterIsEscapedInNames(self) -> None:
         """File names escape the same set, in the file protocol's code-point spelling."""
         for ch, (why, _) in NAMED.items():
-            escaped = escapeCodePoints("a" + ch + "b")
+            escaped = escapeName("a" + ch + "b")
             self.assertNotIn(ch, escaped, why)
-            self.assertEqual(unescapeCodePoints(escaped), "a" + ch + "b", why)
+            self.assertEqual(unescapeName(escaped), "a" + ch + "b", why)
 
     def test_eachNamedCharacterIsEscapedWhenShown(self) -> None:
         """What a client prints of a server's data has none of the set but LF, whatever the server sent."""
@@ -111,8 +112,8 @@ class UnsafeSetTests(SynchronousTestCase):
         self.assertEqual(escapeLine(b"\\x1b"), b"\\\\x1b")
         self.assertEqual(unescapeLine(b"\\\\x1b"), b"\\x1b")
         self.assertEqual(escapeText("a\\b"), "a\\\\b")
-        self.assertEqual(escapeCodePoints("a\\b"), "a\\\\b")
-        self.assertEqual(escapeCodePoints("a\\b\x1b", backslash=False), "a\\b\\x1b")
+        self.assertEqual(escapeName("a\\b"), "a\\\\b")
+        self.assertEqual(safeText("a\\b\x1b"), "a\\b\\x1b")
 
     def test_printableTextIsKept(self) -> None:
         """Letters of every script, emoji, space and tab reach others as they are."""
@@ -137,10 +138,10 @@ class UnsafeSetTests(SynchronousTestCase):
 
     def test_namesEscapeTabAndKeepTheirSpelling(self) -> None:
         """File names keep the file protocol's spelling (``\\xHH`` is U+00HH) and escape a tab too."""
-        self.assertEqual(escapeCodePoints("a\tb"), "a\\x09b")
-        self.assertEqual(escapeCodePoints("bad\udcffbyte"), "bad\\udcffbyte")
-        self.assertEqual(escapeCodePoints("nb\u00a0sp"), "nb\\xa0sp")
-        self.assertEqual(unescapeCodePoints("nb\\xa0sp"), "nb\u00a0sp")
+        self.assertEqual(escapeName("a\tb"), "a\\x09b")
+        self.assertEqual(escapeName("bad\udcffbyte"), "bad\\udcffbyte")
+        self.assertEqual(escapeName("nb\u00a0sp"), "nb\\xa0sp")
+        self.assertEqual(unescapeName("nb\\xa0sp"), "nb\u00a0sp")
 
 
 class RoundTripTests(SynchronousTestCase):
@@ -168,9 +169,9 @@ class RoundTripTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(st.text(st.characters(codec=None, categories=None), max_size=60))
     def test_codePointsRoundTrip(self, text: str) -> None:
-        """unescapeCodePoints(escapeCodePoints(s)) == s, and the result is printable on one line."""
-        escaped = escapeCodePoints(text)
-        self.assertEqual(unescapeCodePoints(escaped), text)
+        """unescapeName(escapeName(s)) == s, and the result is printable on one line."""
+        escaped = escapeName(text)
+        self.assertEqual(unescapeName(escaped), text)
         self.assertTrue(escaped.isprintable())
 
     @settings(max_examples=300, deadline=None)

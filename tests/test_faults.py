@@ -24,11 +24,11 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcplab.errors import RefusedByServer
-from tcplab.fileclient import FileSender, Uploader
-from tcplab.fileserver import FileReceiver, FileReceiverFactory
-from tcplab.filestore import FileStore, synchronous
-from tcplab.filewire import Err, Ok, formatPut, formatTrailer, parseReply
-from tcplab.tap import file as filetap
+from tcplab.file import tap as filetap
+from tcplab.file.receiver import FileReceiver, FileReceiverFactory
+from tcplab.file.sender import FileSender, Uploader
+from tcplab.file.store import FileStore, synchronous
+from tcplab.file.wire import Err, Ok, formatPut, formatTrailer, parseReply
 from tests.support import ServerProcess, childEnv, scratch
 
 

@@ -10,9 +10,10 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tcplab.filestore import FileStore, NoSpace, Upload, synchronous
-from tcplab.filewire import Err, Have, Ok, WireError, checkPath, formatPut, formatStat, formatTrailer, loadToken
-from tcplab.tap import file as filetap
+from tcplab.file import tap as filetap
+from tcplab.file.names import checkPath
+from tcplab.file.store import FileStore, NoSpace, Upload, synchronous
+from tcplab.file.wire import Err, Have, Ok, WireError, formatPut, formatStat, formatTrailer, loadToken
 from tests.support import TWISTD, childEnv, scratch
 from tests.test_fileserver import ServerTestCase, feed, put, sha
 from tests.test_filestore import result
@@ -44,7 +45,7 @@ class OwnedResumeTests(ServerTestCase):
 
     def test_coarseFileTimesDoNotHideTheOtherWriter(self) -> None:
         """Where file times are too coarse to show the other write, the server still knows of it."""
-        from tcplab import filestore
+        from tcplab.file import store as filestore
 
         self.patch(filestore, "_identity", lambda st: (st.st_dev, st.st_ino, st.st_size))
         self.test_otherClientsBytesBetweenStatAndPutAreNotStored()
@@ -60,7 +61,7 @@ class OwnedResumeTests(ServerTestCase):
 
     def test_unchangedPrefixIsNotHashedTwice(self) -> None:
         """The STAT's hash is reused when nothing wrote the partial since, and not after a writer."""
-        from tcplab import filestore
+        from tcplab.file import store as filestore
 
         reads: list[int] = []
         real = filestore.hashRange

@@ -1,4 +1,4 @@
-"""The tcplab-file server state machine (tcplab.fileserver), driven through StringTransport."""
+"""The tcplab-file server state machine (tcplab.file.receiver), driven through StringTransport."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcplab.fileserver import LINGER_SECONDS, FileReceiver, FileReceiverFactory, State
-from tcplab.filestore import FileStore, synchronous
-from tcplab.filewire import (
+from tcplab.file.receiver import LINGER_SECONDS, FileReceiver, FileReceiverFactory, State
+from tcplab.file.store import FileStore, synchronous
+from tcplab.file.wire import (
     EMPTY_SHA256,
     MAX_HEADER,
     Clash,

@@ -1,4 +1,4 @@
-"""Storage rules of tcplab-file (tcplab.filestore): temp files, atomic placement, clashes, resume."""
+"""Storage rules of tcplab-file (tcplab.file.store): temp files, atomic placement, clashes, resume."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from typing import Any
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcplab import fileclient, filestore, hashing
-from tcplab.filestore import (
+from tcplab import hashing
+from tcplab.file import sender as fileclient
+from tcplab.file import store as filestore
+from tcplab.file.names import MAX_NAME_BYTES
+from tcplab.file.store import (
     BadOffset,
     FileStore,
     NameTaken,
@@ -24,7 +27,7 @@ from tcplab.filestore import (
     synchronous,
     uniqueName,
 )
-from tcplab.filewire import MAX_NAME_BYTES, Clash
+from tcplab.file.wire import Clash
 from tests.support import scratch
 
 

@@ -1,4 +1,4 @@
-"""The tcplab-file wire format: request lines, names, replies (tcplab.filewire)."""
+"""The tcplab-file wire format: request lines, names, replies (tcplab.file.wire, tcplab.file.names)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcplab.filewire import (
+from tcplab.escaping import escapeName, unescapeName
+from tcplab.file.names import MAX_NAME_BYTES, checkPart, checkPath, storedParts
+from tcplab.file.wire import (
     EMPTY_SHA256,
-    MAX_NAME_BYTES,
     Clash,
     Err,
     ErrorCode,
@@ -21,10 +22,7 @@ from tcplab.filewire import (
     Stat,
     TokenError,
     WireError,
-    checkPart,
-    checkPath,
     checkToken,
-    escapeName,
     formatErr,
     formatHave,
     formatOk,
@@ -35,8 +33,6 @@ from tcplab.filewire import (
     parseReply,
     parseRequest,
     parseTrailer,
-    storedParts,
-    unescapeName,
 )
 from tests.support import scratch
 

@@ -24,21 +24,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tcplab.fileserver import FileReceiverFactory, State
-from tcplab.filestore import FileStore, synchronous
-from tcplab.filewire import (
-    MAX_HEADER,
-    MAX_TRAILER,
-    Clash,
-    Err,
-    Ok,
-    formatPut,
-    formatStat,
-    formatTrailer,
-    parseReply,
-)
-from tcplab.multi import HubClient, HubConfig, MultiHub
-from tcplab.multiwire import NICK, unescapeLine
+from tcplab.escaping import unescapeLine
+from tcplab.file.receiver import FileReceiverFactory, State
+from tcplab.file.store import FileStore, synchronous
+from tcplab.file.wire import MAX_HEADER, MAX_TRAILER, Clash, Err, Ok, formatPut, formatStat, formatTrailer, parseReply
+from tcplab.multi.hub import HubClient, HubConfig, MultiHub
+from tcplab.multi.wire import NICK
 
 FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -15,7 +15,7 @@ import time
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from tcplab.tap.options import EndpointError, serverEndpoint, splitEndpoint
+from tcplab.listening import EndpointError, serverEndpoint, splitEndpoint
 from tests.support import TWISTD, ServerProcess, childEnv, scratch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,12 +16,12 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.filewire import escapeName, safeText
-from tcplab.multi import WHO_LIMIT, HubClient, HubConfig, MultiHub
-from tcplab.multiwire import escapeLine, escapeText, parseCommand, unescapeLine
+from tcplab.escaping import escapeLine, escapeName, escapeText, safeText, unescapeLine
+from tcplab.multi import tap as multitap
+from tcplab.multi.hub import WHO_LIMIT, HubClient, HubConfig, MultiHub
+from tcplab.multi.sendqueue import SendQueue
+from tcplab.multi.wire import parseCommand
 from tcplab.peers import describeAddress
-from tcplab.sendqueue import SendQueue
-from tcplab.tap import multi as multitap
 from tests.test_escaping import NAMED
 
 

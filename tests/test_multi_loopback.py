@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.tap import multi as multitap
+from tcplab.multi import tap as multitap
 from tests.support import ServerProcess, childEnv
 
 TIMEOUT = 20.0

@@ -14,7 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tcplab.cli.send import collectFiles
-from tcplab.tap import file as filetap
+from tcplab.file import tap as filetap
 from tests.support import childEnv, scratch
 
 BOOM = """

@@ -22,13 +22,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tcplab.echo import UDPEcho
-from tcplab.filestore import synchronous
-from tcplab.filewire import formatPut, formatStat, parseReply
-from tcplab.tap import echo as echotap
-from tcplab.tap import file as filetap
-from tcplab.tap import multi as multitap
-from tcplab.tap.options import somaxconn
+from tcplab.echo import tap as echotap
+from tcplab.echo.server import UDPEcho
+from tcplab.file import tap as filetap
+from tcplab.file.store import synchronous
+from tcplab.file.wire import formatPut, formatStat, parseReply
+from tcplab.listening import somaxconn
+from tcplab.multi import tap as multitap
 from tests.support import scratch
 from tests.test_fileserver import ServerTestCase, sha
 from tests.test_multi import Room

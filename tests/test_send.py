@@ -38,9 +38,9 @@ from tcplab.errors import (
     UsageProblem,
     VerificationFailed,
 )
-from tcplab.fileclient import FileSender, ServerError, Uploader, serverCode, unsentBytes
-from tcplab.filewire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
-from tcplab.tap import file as filetap
+from tcplab.file import tap as filetap
+from tcplab.file.sender import FileSender, ServerError, Uploader, serverCode, unsentBytes
+from tcplab.file.wire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
 from tests.support import scratch
 
 LAB_TEXT = b"The lab's important secret.\n" * 100

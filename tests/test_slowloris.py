@@ -23,11 +23,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.echo import CLOSE_GRACE, Echo, EchoFactory, TimedEcho
-from tcplab.fileclient import FileSender, Uploader
-from tcplab.tap import echo as echotap
-from tcplab.tap import file as filetap
-from tcplab.tap import multi as multitap
+from tcplab.echo import tap as echotap
+from tcplab.echo.server import CLOSE_GRACE, Echo, EchoFactory, TimedEcho
+from tcplab.file import tap as filetap
+from tcplab.file.sender import FileSender, Uploader
+from tcplab.multi import tap as multitap
 from tests.test_send import scratch
 
 #: How many trickling clients, and the limit on how long any loopback test waits for anything.

@@ -15,9 +15,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tcplab.echo import EchoFactory
-from tcplab.tap.options import serverEndpoint
-from tcplab.tap.tls import serverTLS
+from tcplab.echo.server import EchoFactory
+from tcplab.listening import serverEndpoint
+from tcplab.tlsserver import serverTLS
 from tests.support import ServerProcess, scratch
 from tests.tlsutil import makeCertificates
 

@@ -22,9 +22,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab import __version__
+from tcplab.coerce import floatOption, intOption
 from tcplab.errors import ConnectFailed, TcplabError, UsageProblem, connectFailure
-from tcplab.filewire import escapeName
-from tcplab.tap.options import escapeEndpointValue, floatOption, intOption
+from tcplab.escaping import escapeName
+from tcplab.listening import escapeEndpointValue
 from tcplab.tlsclient import PlainTCP, VerifiedTLS, speaksTLS
 
 

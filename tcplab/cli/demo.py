@@ -25,11 +25,11 @@ from zope.interface import provider
 
 from tcplab.cli import send as sendcli
 from tcplab.cli.common import ClientOptions, CommandOptions, connect
-from tcplab.echoclient import EchoClient, LineBuffer
+from tcplab.echo import tap as echotap
+from tcplab.echo.client import EchoClient, LineBuffer
 from tcplab.errors import LocalFileError, TcplabError
-from tcplab.tap import echo as echotap
-from tcplab.tap import file as filetap
-from tcplab.tap import multi as multitap
+from tcplab.file import tap as filetap
+from tcplab.multi import tap as multitap
 
 Say = Callable[[str], None]
 
@@ -120,7 +120,7 @@ def clientOptions(port: int, *argv: str) -> ClientOptions:
 
 async def task1(reactor: object, out: Say) -> None:
     out("Task 1: echo server and client (twistd -n tcplab-echo; tcplab echo hello)")
-    with serverLog(out, ("tcplab.echo",)) as seen:
+    with serverLog(out, ("tcplab.echo.server",)) as seen:
         service, port = startServer(echotap, [])
         try:
             lines: list[bytes] = []
@@ -207,7 +207,7 @@ async def task3(reactor: object, out: Say, folder: str) -> None:
     with open(local, "wb") as f:
         for i in range(20000):
             f.write(b"line %05d of the important secret: the eagle lands at dawn\n" % i)
-    with serverLog(out, ("tcplab.fileserver",)):
+    with serverLog(out, ("tcplab.file.receiver",)):
         service, port = startServer(filetap, ["--dir", folder])
         try:
             options = sendcli.Options()

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from tcplab.cli.common import ClientOptions, connect, readStdin, writeStdout
-from tcplab.echoclient import EchoClient, InputLines, TerminalText, UDPEchoClient
+from tcplab.echo.client import EchoClient, InputLines, TerminalText, UDPEchoClient
 from tcplab.errors import ConnectFailed, UsageProblem
 from tcplab.escaping import showable
 

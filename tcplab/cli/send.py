@@ -21,8 +21,9 @@ from tcplab.errors import (
     UsageProblem,
     VerificationFailed,
 )
-from tcplab.fileclient import CHUNK_SIZE, FileSender, ServerBusy, Uploader
-from tcplab.filewire import TOKEN_ENV, Clash, TokenError, escapeName, loadToken
+from tcplab.escaping import escapeName
+from tcplab.file.sender import CHUNK_SIZE, FileSender, ServerBusy, Uploader
+from tcplab.file.wire import TOKEN_ENV, Clash, TokenError, loadToken
 
 
 class Options(ClientOptions):

@@ -1,7 +1,7 @@
 """The tcplab-multi hub: every line back to its sender exactly, and to every other client with a prefix.
 
 Fan-out is built to never wait for the slowest client. Each client has a
-:class:`~tcplab.sendqueue.SendQueue`: a client whose queue would pass the
+:class:`~tcplab.multi.sendqueue.SendQueue`: a client whose queue would pass the
 limit with another client's line is told and dropped, and the others go on.
 A client's own echoes never get it dropped: while the server cannot send to a
 client, it stops reading from it (as tcplab-echo does), so its echoes wait in
@@ -38,20 +38,14 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcplab.backplane import STATS_FORMAT, Backplane
 from tcplab.escaping import escapeLine, escapeText
-from tcplab.multiwire import (
-    HELP,
-    isValidNick,
-    parseCommand,
-    prefixFor,
-    serverLine,
-)
+from tcplab.multi.backplane import STATS_FORMAT, Backplane
+from tcplab.multi.sendqueue import SendQueue
+from tcplab.multi.wire import HELP, isValidNick, parseCommand, prefixFor, serverLine
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
-from tcplab.sendqueue import SendQueue
 
-log = Logger(namespace="tcplab.multi")
+log = Logger(namespace="tcplab.multi.hub")
 
 #: Names listed by one /who reply; more are counted, not listed.
 WHO_LIMIT = 100

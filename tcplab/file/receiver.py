@@ -31,8 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcplab.filestore import FileStore, HeldPrefix, StorageError, Upload
-from tcplab.filewire import (
+from tcplab.escaping import escapeName
+from tcplab.file.names import checkPath, storedParts
+from tcplab.file.store import FileStore, HeldPrefix, StorageError, Upload
+from tcplab.file.wire import (
     EMPTY_SHA256,
     MAX_HEADER,
     MAX_TRAILER,
@@ -41,19 +43,16 @@ from tcplab.filewire import (
     Put,
     Stat,
     WireError,
-    checkPath,
-    escapeName,
     formatErr,
     formatHave,
     formatOk,
     parseRequest,
     parseTrailer,
-    storedParts,
 )
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 
-log = Logger(namespace="tcplab.fileserver")
+log = Logger(namespace="tcplab.file.receiver")
 
 #: How long a connection that got an ERR may keep sending before it is cut off.
 LINGER_SECONDS = 5.0

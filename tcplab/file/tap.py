@@ -11,19 +11,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from tcplab.fileserver import FileReceiverFactory
-from tcplab.filestore import FileStore
-from tcplab.filewire import (
-    MAX_NAME_BYTES,
-    RESERVED_PREFIX,
-    TOKEN_ENV,
-    TokenError,
-    WireError,
-    checkPart,
-    escapeName,
-    loadToken,
-)
-from tcplab.tap.options import ListeningService, ServerOptions, floatOption, intOption
+from tcplab.coerce import floatOption, intOption
+from tcplab.escaping import escapeName
+from tcplab.file.names import MAX_NAME_BYTES, RESERVED_PREFIX, checkPart
+from tcplab.file.receiver import FileReceiverFactory
+from tcplab.file.store import FileStore
+from tcplab.file.wire import TOKEN_ENV, TokenError, WireError, loadToken
+from tcplab.listening import ListeningService, ServerOptions
 
 log = Logger(namespace="tcplab.file")
 

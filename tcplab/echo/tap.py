@@ -7,15 +7,9 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
-from tcplab.echo import MAX_DATAGRAM, EchoFactory, UDPEcho
-from tcplab.tap.options import (
-    TCP_FAMILY,
-    CannotListen,
-    ListeningService,
-    ServerOptions,
-    endpointKind,
-    floatOption,
-)
+from tcplab.coerce import floatOption
+from tcplab.echo.server import MAX_DATAGRAM, EchoFactory, UDPEcho
+from tcplab.listening import TCP_FAMILY, CannotListen, ListeningService, ServerOptions, endpointKind
 
 
 class Options(ServerOptions):

@@ -31,10 +31,12 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from tcplab.filewire import MAX_NAME_BYTES, RESERVED_PREFIX, Clash, ErrorCode, escapeName
+from tcplab.escaping import escapeName
+from tcplab.file.names import MAX_NAME_BYTES, RESERVED_PREFIX
+from tcplab.file.wire import Clash, ErrorCode
 from tcplab.hashing import hashRange
 
-log = Logger(namespace="tcplab.filestore")
+log = Logger(namespace="tcplab.file.store")
 
 T = TypeVar("T")
 RunBlocking = Callable[..., "Deferred[Any]"]

@@ -18,12 +18,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from tcplab.escaping import escapeCodePoints, unescapeCodePoints
+from tcplab.escaping import escapeName, safeText, unescapeName
 
 #: A request line, LF included, is at most this long.
 MAX_HEADER = 4096
@@ -31,25 +30,16 @@ MAX_HEADER = 4096
 MAX_TRAILER = 128
 #: A reply line the client accepts, LF included.
 MAX_REPLY = 8192
-#: Longest stored file or folder name, in UTF-8 bytes (the Linux NAME_MAX).
-MAX_NAME_BYTES = 255
-#: Most path parts (folders + file) in one name.
-MAX_PARTS = 64
 #: Largest size the protocol accepts (what a signed 64-bit file offset can hold).
 MAX_SIZE = 2**63 - 1
 MAX_TOKEN = 1024
 #: Where the token comes from when no token file is given.
 TOKEN_ENV = "TCPLAB_TOKEN"
-#: Stored names may not start with this: the server keeps its temp and partial files under it.
-RESERVED_PREFIX = ".tcplab-"
 #: SHA-256 of no bytes: what ``HAVE 0`` carries.
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
-#: Characters that reorder how the text around them is shown (Trojan Source, "gpj.exe" tricks).
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_BAD_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 class ErrorCode(str, Enum):
@@ -159,7 +149,7 @@ def _decode(line: bytes) -> str:
 
 def _number(text: str, what: str) -> int:
     if not _DIGITS.match(text):
-        raise WireError(ErrorCode.BAD_HEADER, f"{what} must be a whole number of bytes, not {_quote(text)}")
+        raise WireError(ErrorCode.BAD_HEADER, f"{what} must be a whole number of bytes, not {quoted(text)}")
     return int(text)
 
 
@@ -171,7 +161,7 @@ def parseRequest(line: bytes) -> Request:
     text = _decode(line)
     verb, sep, rest = text.partition(" ")
     if verb not in ("PUT", "STAT"):
-        raise WireError(ErrorCode.BAD_HEADER, f"unknown request {_quote(verb[:20])}: expected PUT or STAT")
+        raise WireError(ErrorCode.BAD_HEADER, f"unknown request {quoted(verb[:20])}: expected PUT or STAT")
     if not sep:
         raise WireError(ErrorCode.BAD_HEADER, f"{verb} needs a size and a name")
     options: dict[str, str] = {}
@@ -181,7 +171,7 @@ def parseRequest(line: bytes) -> Request:
             break
         key, _, value = token.partition("=")
         if key in options:
-            raise WireError(ErrorCode.BAD_HEADER, f"option {_quote(key)} given twice")
+            raise WireError(ErrorCode.BAD_HEADER, f"option {quoted(key)} given twice")
         options[key] = value
         if not sep:
             raise WireError(ErrorCode.BAD_HEADER, f"{verb} needs a size and a name after its options")
@@ -199,7 +189,7 @@ def parseRequest(line: bytes) -> Request:
         raise WireError(ErrorCode.BAD_HEADER, f"token= must be 1 to {MAX_TOKEN} characters")
     if verb == "STAT":
         if options:
-            raise WireError(ErrorCode.BAD_HEADER, f"unknown STAT option {_quote(sorted(options)[0])}")
+            raise WireError(ErrorCode.BAD_HEADER, f"unknown STAT option {quoted(sorted(options)[0])}")
         return Stat(size, name, token_)
     return _put(size, name, token_, options)
 
@@ -230,7 +220,7 @@ def _put(size: int, name: str, token: str | None, options: dict[str, str]) -> Pu
         except ValueError:
             raise WireError(ErrorCode.BAD_HEADER, "clash= must be 'rename' or 'fail'") from None
     if options:
-        raise WireError(ErrorCode.BAD_HEADER, f"unknown PUT option {_quote(sorted(options)[0])}")
+        raise WireError(ErrorCode.BAD_HEADER, f"unknown PUT option {quoted(sorted(options)[0])}")
     return Put(size, name, sha256, trailer, offset, token, clash)
 
 
@@ -314,73 +304,11 @@ def parseReply(line: bytes) -> Reply:
                 return Err(code, message)
     except ValueError:
         pass
-    raise WireError("bad-reply", f"the server sent an unexpected line: {_quote(text[:80])}")
+    raise WireError("bad-reply", f"the server sent an unexpected line: {quoted(text[:80])}")
 
 
-def checkPart(part: str) -> None:
-    """Raise ``WireError(bad-name)`` unless ``part`` is one safe file or folder name."""
-    if not part:
-        raise WireError(ErrorCode.BAD_NAME, "empty name (or a doubled or trailing '/')")
-    if part in (".", ".."):
-        raise WireError(ErrorCode.BAD_NAME, f"{part!r} is not a file name")
-    if "/" in part:
-        raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a '/' (a path separator)")
-    if "\\" in part:
-        raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a backslash (a path separator on Windows)")
-    for ch in part:
-        if ch in _BIDI or unicodedata.category(ch) in _BAD_CATEGORIES:
-            raise WireError(ErrorCode.BAD_NAME, f"{_quote(part)} has a control character (U+{ord(ch):04X})")
-
-
-def checkPath(name: str) -> tuple[str, ...]:
-    """Split a wire name into its parts (``folder/sub/file``), each checked by ``checkPart``."""
-    if name.startswith("/"):
-        raise WireError(ErrorCode.BAD_NAME, f"{_quote(name)} is an absolute path: send a relative name")
-    parts = tuple(name.split("/"))
-    if len(parts) > MAX_PARTS:
-        raise WireError(ErrorCode.BAD_NAME, f"more than {MAX_PARTS} folders deep")
-    for part in parts:
-        checkPart(part)
-    return parts
-
-
-def storedParts(parts: tuple[str, ...], prefix: str) -> tuple[str, ...]:
-    """The stored path: ``prefix`` on the first part, every part within ``MAX_NAME_BYTES``.
-
-    The server's temp and partial files have names of their own (fixed length,
-    see ``RESERVED_PREFIX``), so no temp suffix has to fit into a stored name.
-    """
-    stored = (prefix + parts[0], *parts[1:])
-    if prefix:
-        checkPart(stored[0])  # the prefix is checked at startup; this keeps any prefix inside the folder
-    for part in stored:
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise WireError(ErrorCode.BAD_NAME, f"{_quote(part[:40])}... is longer than {MAX_NAME_BYTES} bytes")
-        if part.startswith(RESERVED_PREFIX):
-            raise WireError(ErrorCode.BAD_NAME, f"names starting with {RESERVED_PREFIX!r} are the server's own")
-    return stored
-
-
-def escapeName(name: str) -> str:
-    """Show a name safely on one terminal line: ``\\`` and every character of the
-    one unsafe set (:mod:`tcplab.escaping`: controls, line breaks, bidi marks,
-    invisible formatting, undecodable bytes) and the tab become Python-style
-    ``\\xNN``/``\\uNNNN``/``\\UNNNNNNNN`` (the file protocol's spelling)."""
-    return escapeCodePoints(name)
-
-
-def safeText(text: str) -> str:
-    """Like ``escapeName`` but backslashes stay as they are: for messages, which may
-    already quote escaped names and are only ever shown, never parsed back."""
-    return escapeCodePoints(text, backslash=False)
-
-
-def unescapeName(text: str) -> str:
-    """Undo ``escapeName`` (anything that is not one of its escapes stays as it is)."""
-    return unescapeCodePoints(text)
-
-
-def _quote(text: str) -> str:
+def quoted(text: str) -> str:
+    """``text`` escaped and in single quotes: how a message names what the client sent."""
     return f"'{escapeName(text)}'"
 
 
@@ -411,7 +339,7 @@ def loadToken(path: str | None, environ: Mapping[str, str] = os.environ) -> str 
     if path == "":
         raise TokenError("--token-file is empty: give the path of the file that holds the token")
     if path:
-        source = f"--token-file {_quote(path)}"
+        source = f"--token-file {quoted(path)}"
         try:
             with open(path, "rb") as f:
                 data = f.read(1 << 16)

@@ -6,7 +6,6 @@ import os
 import resource
 import socket
 import sys
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 from twisted.application import service
@@ -23,6 +22,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
+
+from tcplab.coerce import intOption
 
 log = Logger()
 
@@ -183,7 +184,7 @@ def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """The endpoint for a ``--listen`` string, or an :class:`EndpointError` in the user's terms.
 
     ``tcp``, ``tcp6``, ``unix`` and ``ssl`` are built here (``unix:`` sockets are owner-only unless
-    ``mode=`` says otherwise; ``ssl:`` uses :mod:`tcplab.tap.tls`); other types go to Twisted.
+    ``mode=`` says otherwise; ``ssl:`` uses :mod:`tcplab.tlsserver`); other types go to Twisted.
     """
     args, kwargs = splitEndpoint(description)
     kind = args.pop(0).strip().lower() if args else ""
@@ -223,7 +224,7 @@ def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
         return TCP4ServerEndpoint(reactor, port, backlog, interface)
     if kind == "tcp6":
         return TCP6ServerEndpoint(reactor, port, backlog, interface or "::")
-    from tcplab.tap.tls import TLSConfigError, serverTLS
+    from tcplab.tlsserver import TLSConfigError, serverTLS
 
     method = kwargs.get("sslmethod")
     if method not in (None, "TLS_METHOD", "SSLv23_METHOD"):
@@ -314,26 +315,6 @@ def _portDescription(port: int, interface: str) -> str:
     if interface:
         description += f":interface={escapeEndpointValue(interface)}"
     return description
-
-
-def intOption(name: str, value: object, low: int, high: int) -> int:
-    """Parse a bounded integer option, or raise a one-line UsageError."""
-    return _bounded(name, value, low, high, int, "a whole number")
-
-
-def floatOption(name: str, value: object, low: float, high: float) -> float:
-    """Parse a bounded number option, or raise a one-line UsageError."""
-    return _bounded(name, value, low, high, float, "a number")
-
-
-def _bounded(name: str, value: object, low: Any, high: Any, convert: Callable[[str], Any], kind: str) -> Any:
-    try:
-        number = convert(str(value))
-    except ValueError:
-        raise usage.UsageError(f"{name} must be {kind}, not {value!r}") from None
-    if not low <= number <= high:
-        raise usage.UsageError(f"{name} must be between {low} and {high}, not {number}")
-    return number
 
 
 class ListeningService(service.Service):

@@ -36,7 +36,8 @@ from tcplab.errors import (
     handshakeTimedOut,
     tlsFailure,
 )
-from tcplab.filewire import (
+from tcplab.escaping import escapeName, safeText
+from tcplab.file.wire import (
     MAX_REPLY,
     Clash,
     Err,
@@ -44,12 +45,10 @@ from tcplab.filewire import (
     Have,
     Ok,
     WireError,
-    escapeName,
     formatPut,
     formatStat,
     formatTrailer,
     parseReply,
-    safeText,
 )
 from tcplab.hashing import hashRange
 

@@ -12,18 +12,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tcplab.flow import (
-    ReadThrottle,
-    encryptEachWrite,
-    plainSocket,
-    throttleReadsOnWrites,
-    unsentBytes,
-    writeNow,
-)
+from tcplab.flow import ReadThrottle, encryptEachWrite, plainSocket, throttleReadsOnWrites, unsentBytes, writeNow
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 
-log = Logger(namespace="tcplab.echo")
+log = Logger(namespace="tcplab.echo.server")
 
 #: Datagrams from ports below this are dropped: well-known services (echo 7,
 #: chargen 19, daytime 13, DNS 53, NTP 123...) answer every datagram, so

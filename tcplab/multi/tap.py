@@ -14,18 +14,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
-from tcplab.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
-from tcplab.multi import HubConfig, MultiHub
-from tcplab.tap.options import (
-    CannotListen,
-    ListeningService,
-    ServerOptions,
-    floatOption,
-    intOption,
-    raiseOpenFilesLimit,
-)
+from tcplab.coerce import floatOption, intOption
+from tcplab.listening import CannotListen, ListeningService, ServerOptions, raiseOpenFilesLimit
+from tcplab.multi.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
+from tcplab.multi.hub import HubConfig, MultiHub
 
-log = Logger(namespace="tcplab.multi")
+log = Logger(namespace="tcplab.multi.hub")
 
 MiB = 1 << 20
 

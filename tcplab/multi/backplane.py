@@ -1,6 +1,6 @@
 """Several tcplab-multi processes as one room: a backplane carries each node's broadcasts to the others.
 
-The hub (:class:`tcplab.multi.MultiHub`) hands its node's :class:`Backplane` what
+The hub (:class:`tcplab.multi.hub.MultiHub`) hands its node's :class:`Backplane` what
 its own clients produce (lines, joins, leaves, renames) and gets back, through
 ``deliverRemote``, the bytes other nodes' clients produced, already prefixed and
 escaped at their origin: it gives them to its clients through the same
@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-log = Logger(namespace="tcplab.backplane")
+log = Logger(namespace="tcplab.multi.backplane")
 
 MAGIC = b"TLB\x01"
 

@@ -1,0 +1,1 @@
+"""Task 3: the verified file drop: wire format, names, storage, receiver, sender, twistd glue."""

@@ -1,1 +1,0 @@
-"""twistd glue: each module holds the ``Options`` and ``makeService`` for one server."""
