@@ -1,4 +1,4 @@
-# twistd -ny tac/echo.tac : the echo server on port 7000 (edit the options below).
+# twistd -n --pidfile= -y tac/echo.tac : the echo server on port 7000 (edit the options below).
 from twisted.application import service
 
 from tcplab.echo import tap as echo

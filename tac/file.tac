@@ -1,4 +1,4 @@
-# twistd -ny tac/file.tac : the file drop on port 9000, storing into the current folder as
+# twistd -n --pidfile= -y tac/file.tac : the file drop on port 9000, storing into the current folder as
 # received_<name> (edit the options below, e.g. "--dir", "/srv/drop", "--token-file", "token").
 from twisted.application import service
 

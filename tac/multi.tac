@@ -1,4 +1,4 @@
-# twistd -ny tac/multi.tac : the broadcast echo hub on port 7001 (edit the options below).
+# twistd -n --pidfile= -y tac/multi.tac : the broadcast echo hub on port 7001 (edit the options below).
 from twisted.application import service
 
 from tcplab.multi import tap as multi

@@ -119,7 +119,7 @@ def clientOptions(port: int, *argv: str) -> ClientOptions:
 
 
 async def task1(reactor: object, out: Say) -> None:
-    out("Task 1: echo server and client (twistd -n tcplab-echo; tcplab echo hello)")
+    out("Task 1: echo server and client (twistd -n --pidfile= tcplab-echo; tcplab echo hello)")
     with serverLog(out, ("tcplab.echo.server",)) as seen:
         service, port = startServer(echotap, [])
         try:
@@ -143,7 +143,8 @@ async def task1(reactor: object, out: Say) -> None:
 
 
 async def task2(reactor: object, out: Say, clients: int = 300, atOnce: int = 50) -> None:
-    out(f"Task 2: multi-client server (twistd -n tcplab-multi): a storm of {clients} clients, {atOnce} at a time")
+    out(f"Task 2: multi-client server (twistd -n --pidfile= tcplab-multi): "
+        f"a storm of {clients} clients, {atOnce} at a time")
     service, port = startServer(multitap, ["--stats-interval", "0"])
     try:
         errors: list[str] = []
@@ -202,7 +203,7 @@ SECRET = "important_secret_file.txt"
 
 
 async def task3(reactor: object, out: Say, folder: str) -> None:
-    out("Task 3: file transfer (twistd -n tcplab-file --port 9000; tcplab send important_secret_file.txt)")
+    out("Task 3: file transfer (twistd -n --pidfile= tcplab-file --port 9000; tcplab send important_secret_file.txt)")
     local = os.path.join(folder, SECRET)
     with open(local, "wb") as f:
         for i in range(20000):
