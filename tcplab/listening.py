@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import sys
 from typing import Any, ClassVar
 
 from twisted.application import service
@@ -104,8 +103,8 @@ class ServerOptions(usage.Options):
         except usage.UsageError as e:
             if self.parent is None:
                 raise
-            runner = os.path.basename(sys.argv[0]) if sys.argv else ""
-            command = f"{runner if runner in ('twistd', 'twist') else 'twistd'} {self.parent.subCommand}"
+            runner = "twist" if type(self.parent).__module__.startswith("twisted.application.twist") else "twistd"
+            command = f"{runner} {self.parent.subCommand}"
             raise UsageExit(f"{command}: {e} (see {command} --help)") from None
 
     def postOptions(self) -> None:
