@@ -73,6 +73,7 @@ def writeNow(transport: ITransport, sock: socket.socket | None, data: bytes) -> 
     whatever the socket does not take goes through ``transport.write``, so flow
     control, backpressure and error handling stay Twisted's.
     """
+    # Twisted internals here and in unsentBytes: tests/test_twistedprivate.py names any a new Twisted drops.
     if sock is not None and not transport.dataBuffer and not transport._tempDataLen:  # type: ignore[attr-defined]
         if transport.disconnecting:  # type: ignore[attr-defined]
             return

@@ -1,9 +1,12 @@
-"""Per-source token buckets with a bounded table, so a flood of sources cannot grow memory."""
+"""Per-source token buckets with a bounded table, so a flood of sources cannot grow memory;
+and a log that a flood of events cannot flood."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+
+from twisted.logger import Logger, LogLevel
 
 
 class RateLimiter:
@@ -35,3 +38,28 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class RateLimitedLog:
+    """Emit events to ``log`` at ``level``, at most ``rate`` a second in bursts of ``burst``:
+    a storm of clients cannot fill the disk. What is left out is counted (``unlogged``), and
+    the next line logged says how many were skipped before it, so the log still shows the storm."""
+
+    def __init__(self, log: Logger, level: LogLevel, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self._log = log
+        self._level = level
+        self._limiter = RateLimiter(rate, burst, clock, maxKeys=1)
+        self.unlogged = 0
+        self._skipped = 0
+
+    def __call__(self, format: str, **fields: object) -> bool:
+        """Log one event (True), or only count it when they come too fast (False)."""
+        if not self._limiter.allow(None):
+            self.unlogged += 1
+            self._skipped += 1
+            return False
+        if self._skipped:
+            format += " ({skipped} lines before this one not logged: too many at once)"
+            fields["skipped"], self._skipped = self._skipped, 0
+        self._log.emit(self._level, format, **fields)
+        return True

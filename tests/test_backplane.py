@@ -115,14 +115,14 @@ class OptionsTests(unittest.TestCase):
         options = self.parse()
         self.assertIsNone(options["backplane"])
         self.assertFalse(options["reuse-port"])
-        service = multitap.MultiService(options)
+        service = multitap.HubService(options)
         self.assertIsNone(service.backplane)
         self.assertIsInstance(service.listening, multitap.ListeningService)
 
     def test_backplane(self) -> None:
         options = self.parse("--backplane", "redis://127.0.0.1:6390/1", "--channel", "room-1", "--presence-ttl", "3")
         self.assertEqual(options["backplane"], bp.RedisAddress("127.0.0.1", 6390, 1))
-        service = multitap.MultiService(options)
+        service = multitap.HubService(options)
         assert service.backplane is not None
         self.assertEqual((service.backplane.channel, service.backplane.ttl), ("room-1", 3.0))
         self.assertIs(service.hub.backplane, service.backplane)
@@ -142,13 +142,13 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(str(error), "--backplane needs the txredisapi package: pip install txredisapi")
 
     def test_reusePortListens(self) -> None:
-        service = multitap.MultiService(self.parse("--reuse-port", "--port", "0", "--interface", "127.0.0.1"))
+        service = multitap.HubService(self.parse("--reuse-port", "--port", "0", "--interface", "127.0.0.1"))
         self.assertIsInstance(service.listening, multitap.ReusePortService)
         service.startService()
         self.addCleanup(service.stopService)
         [port] = service.listening.ports  # type: ignore[union-attr]
         self.assertEqual(port.getHost().host, "127.0.0.1")
-        other = multitap.MultiService(self.parse("--reuse-port", "--port", str(port.getHost().port),
+        other = multitap.HubService(self.parse("--reuse-port", "--port", str(port.getHost().port),
                                                  "--interface", "127.0.0.1"))
         other.startService()
         self.addCleanup(other.stopService)
@@ -158,7 +158,7 @@ class OptionsTests(unittest.TestCase):
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen(1)
-            service = multitap.MultiService(self.parse("--reuse-port", "--port", str(taken.getsockname()[1]),
+            service = multitap.HubService(self.parse("--reuse-port", "--port", str(taken.getsockname()[1]),
                                                        "--interface", "127.0.0.1"))
             error = self.assertRaises(SystemExit, service.startService)
             self.assertIn("--reuse-port", str(error))
@@ -514,18 +514,18 @@ class RedisMixin:
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def startNode(self, *argv: str) -> multitap.MultiService:
+    def startNode(self, *argv: str) -> multitap.HubService:
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "0",
                               "--backplane", self.redis.url, "--channel", "test", *argv])
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         assert service.backplane is not None
         service.backplane.initialDelay, service.backplane.maxDelay = 0.1, 0.5
         service.startService()
         self.addCleanup(service.stopService)
         return service
 
-    async def connect(self, service: multitap.MultiService, count: int = 1) -> list[LineClient]:
+    async def connect(self, service: multitap.HubService, count: int = 1) -> list[LineClient]:
         port = service.listening.ports[0].getHost().port
         return [await connectTo(port) for _ in range(count)]
 

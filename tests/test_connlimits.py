@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tcplab.errors import ExitCode
 from tcplab.file import tap as filetap
 from tcplab.file.receiver import MAX_TURNING_AWAY, FileReceiver, FileReceiverFactory, peerKey
-from tcplab.file.sender import FileSender, ServerBusy, Uploader
+from tcplab.file.sender import ServerBusy, Uploader, UploadProtocol
 from tcplab.file.store import FileStore, synchronous
 from tcplab.file.wire import Err, ErrorCode, Ok, formatPut, parseReply
 from tests.support import ServerProcess, childEnv, scratch
@@ -264,7 +264,7 @@ class LoopbackLimitTests(TestCase):
         self.assertTrue(holders[-1].received.startswith(b"ERR too-many-connections "), holders[-1].received)
 
         def connect() -> Deferred[Any]:
-            client = FileSender(reactor, 10)
+            client = UploadProtocol(reactor, 10)
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=("127.0.0.3", 0))
             return endpoint.connect(Factory.forProtocol(lambda: client))
 
@@ -279,7 +279,7 @@ class LoopbackLimitTests(TestCase):
         await self.hold(1)
 
         def connect() -> Deferred[Any]:
-            client = FileSender(reactor, 10)
+            client = UploadProtocol(reactor, 10)
             return TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(lambda: client))
 
         uploader = Uploader(connect)

@@ -323,6 +323,24 @@ class EndlessLineTests(unittest.TestCase):
         self.successResultOf(self.client.done)
         self.assertEqual(self.notices, [])
 
+    def test_echoInTheSameReadAsAnOverlongLine(self) -> None:
+        """An echo that arrives in the same read as an overlong finished line still counts."""
+        self.client.dataReceived(b"z" * (2 * MAX_UNMATCHED_LINE) + b"\nhello\n")
+        self.successResultOf(self.client.done)
+
+    def test_longEchoInManyReadsCostsLinearTime(self) -> None:
+        """A 32 MiB echo arriving in 64 KiB reads is matched in well under a second of CPU, not re-copied per read."""
+        line = b"y" * (32 << 20)
+        self.client.sendLines([line])
+        self.client.dataReceived(b"hello\n")
+        started = time.process_time()
+        for i in range(0, len(line), 64 << 10):
+            self.client.dataReceived(line[i : i + (64 << 10)])
+        self.client.dataReceived(b"\n")
+        spent = time.process_time() - started
+        self.successResultOf(self.client.done)
+        self.assertLess(spent, 1.0, "the unfinished line is copied again on every read")
+
 
 HOSTILE = b"\x1b]0;title\x07\x1b[2J\r* fake notice\n\xe2\x80\xaeevil \\x41 caf\xc3\xa9\r\n"
 

@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tcplab.errors import RefusedByServer
 from tcplab.file import tap as filetap
 from tcplab.file.receiver import FileReceiver, FileReceiverFactory
-from tcplab.file.sender import FileSender, Uploader
+from tcplab.file.sender import Uploader, UploadProtocol
 from tcplab.file.store import FileStore, synchronous
 from tcplab.file.wire import Err, Ok, formatPut, formatTrailer, parseReply
 from tests.support import ServerProcess, childEnv, scratch
@@ -227,7 +227,7 @@ class LoopbackFaultTests(TestCase):
 
     def uploader(self) -> Uploader:
         def connect() -> Deferred[Any]:
-            client = FileSender(reactor, 10)
+            client = UploadProtocol(reactor, 10)
             return TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(Factory.forProtocol(lambda: client))
 
         uploader = Uploader(connect)

@@ -711,7 +711,7 @@ class OptionsAndServiceTests(unittest.TestCase):
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "30"])
         reactor = MemoryReactorClock()
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         with capturedLogs() as events:
             service.startService()
             reactor.advance(29)
@@ -730,7 +730,7 @@ class OptionsAndServiceTests(unittest.TestCase):
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--stats-interval", "0"])
         reactor = MemoryReactorClock()
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         service.startService()
         self.assertEqual(reactor.getDelayedCalls(), [])
         self.successResultOf(service.stopService())

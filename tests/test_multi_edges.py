@@ -286,7 +286,7 @@ class LoopbackHalfCloseTests(unittest.TestCase):
     def startServer(self, *argv: str) -> int:
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "0", *argv])
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         return service.listening.ports[0].getHost().port  # type: ignore[no-any-return]
@@ -349,7 +349,7 @@ class TLSHandshakeLoopbackTests(unittest.TestCase):
         options = multitap.Options()
         options.parseOptions(["--listen", f"ssl:0:privateKey={certs['server']}:interface=127.0.0.1",
                               "--stats-interval", "0"])
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         port = service.listening.ports[0].getHost().port

@@ -65,15 +65,15 @@ class ServerMixin:
 
     addCleanup: Callable[..., None]
 
-    def startServer(self, *argv: str) -> multitap.MultiService:
+    def startServer(self, *argv: str) -> multitap.HubService:
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "0", *argv])
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         return service
 
-    def port(self, service: multitap.MultiService) -> int:
+    def port(self, service: multitap.HubService) -> int:
         return service.listening.ports[0].getHost().port  # type: ignore[no-any-return]
 
     async def connect(self, port: int) -> LineClient:

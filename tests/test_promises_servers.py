@@ -63,7 +63,7 @@ class ListeningPromiseTests(SynchronousTestCase):
         found.append(("echo", service, service.tcp))
         multi = multitap.Options()
         multi.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "0"])
-        service = multitap.MultiService(multi, clock)
+        service = multitap.HubService(multi, clock)
         found.append(("multi", service, service.listening))
         files = filetap.Options()
         files.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--dir", scratch(self)])
@@ -128,7 +128,7 @@ class MultiPromiseTests(SynchronousTestCase):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard - 1), hard))
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "0"])
-        service = multitap.MultiService(options, MemoryReactorClock())
+        service = multitap.HubService(options, MemoryReactorClock())
         with capturedLogs() as events:
             service.startService()
         self.addCleanup(service.stopService)
@@ -140,7 +140,7 @@ class MultiPromiseTests(SynchronousTestCase):
         10 s apart, at most 4 MiB unanswered and 10 s without an answer."""
         options = multitap.Options()
         options.parseOptions(["--backplane", "redis://127.0.0.1"])
-        service = multitap.MultiService(options, MemoryReactorClock())
+        service = multitap.HubService(options, MemoryReactorClock())
         backplane = service.backplane
         assert backplane is not None
         self.assertEqual((backplane.address.port, backplane.address.db, backplane.channel, backplane.ttl),

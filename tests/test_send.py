@@ -39,8 +39,8 @@ from tcplab.errors import (
     VerificationFailed,
 )
 from tcplab.file import tap as filetap
-from tcplab.file.sender import FileSender, ServerError, Uploader, serverCode, unsentBytes
-from tcplab.file.wire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
+from tcplab.file.sender import ServerError, Uploader, UploadProtocol, serverCode, unsentBytes
+from tcplab.file.wire import MAX_REPLY, Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
 from tests.support import scratch
 
 LAB_TEXT = b"The lab's important secret.\n" * 100
@@ -76,7 +76,7 @@ class LoopbackTestCase(TestCase):
 
     def uploader(self, endpoint: Any = None, **kwargs: Any) -> Uploader:
         def connect() -> Deferred[Any]:
-            client = FileSender(reactor, 10)
+            client = UploadProtocol(reactor, 10)
             target = endpoint or TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
             return target.connect(Factory.forProtocol(lambda: client))
 
@@ -405,7 +405,7 @@ class FlowTests(LoopbackTestCase):
         self.addCleanup(port.stopListening)
 
         def connect() -> Deferred[Any]:
-            client = FileSender(reactor, 1.5)
+            client = UploadProtocol(reactor, 1.5)
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
             return endpoint.connect(Factory.forProtocol(lambda: client))
 
@@ -685,11 +685,11 @@ class ExitCodeTests(LoopbackTestCase):
 
 
 class ClientProtocolTests(SynchronousTestCase):
-    """FileSender on its own, through StringTransport and a Clock."""
+    """UploadProtocol on its own, through StringTransport and a Clock."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.client = FileSender(self.clock, 10, chunkSize=4)
+        self.client = UploadProtocol(self.clock, 10, chunkSize=4)
         self.transport = StringTransport()
         self.client.makeConnection(self.transport)
         path = os.path.join(scratch(self), "h")
@@ -727,7 +727,7 @@ class ClientProtocolTests(SynchronousTestCase):
         self.assertFalse(self.client.usable)
 
     def reconnect(self, transport: StringTransport) -> StringTransport:
-        self.client = FileSender(self.clock, 10, chunkSize=4)
+        self.client = UploadProtocol(self.clock, 10, chunkSize=4)
         self.client.makeConnection(transport)
         return transport
 
@@ -752,6 +752,27 @@ class ClientProtocolTests(SynchronousTestCase):
         self.failureResultOf(d, RefusedByServer)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_overlongFinishedReplyLine(self) -> None:
+        """A reply line longer than 8192 bytes is not believed even when its newline comes in the same read."""
+        d = self.put()
+        self.client.dataReceived(f"OK 11 {sha(b'hello world')} received_{'n' * MAX_REPLY}\n".encode())
+        self.assertIn("overlong line", str(self.failureResultOf(d, RefusedByServer).value))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_replyInFragmentsOfEverySize(self) -> None:
+        """A reply (LF or CRLF) read in fragments of any size gives the same result as in one read."""
+        for end in (b"\n", b"\r\n"):
+            reply = formatOk(11, sha(b"hello world"), "received_h").rstrip(b"\n") + end
+            for size in range(1, len(reply) + 1):
+                with self.subTest(end=end, size=size):
+                    self.reconnect(StringTransport())
+                    d = self.put()
+                    for i in range(0, len(reply), size):
+                        self.assertNoResult(d)
+                        self.client.dataReceived(reply[i:i + size])
+                    self.assertEqual(self.successResultOf(d), Ok(11, sha(b"hello world"), "received_h"))
+                    self.assertTrue(self.client.usable)
+
     def test_timeout(self) -> None:
         d = self.put()
         self.clock.advance(9.9)
@@ -769,7 +790,7 @@ class ClientProtocolTests(SynchronousTestCase):
         fd = os.open(path, os.O_RDONLY)
         self.addCleanup(os.close, fd)
         arrived = [0]
-        self.client = FileSender(self.clock, 10, chunkSize=1 << 20,
+        self.client = UploadProtocol(self.clock, 10, chunkSize=1 << 20,
                                  unsent=lambda transport: len(transport.value()) - arrived[0])
         self.client.makeConnection(self.transport)
         d = self.client.put(formatPut(size, "big", trailer=True), "big", fd, 0, size, self.hasher, "big")

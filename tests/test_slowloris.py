@@ -26,7 +26,7 @@ from twisted.trial import unittest
 from tcplab.echo import tap as echotap
 from tcplab.echo.server import CLOSE_GRACE, Echo, EchoFactory, TimedEcho
 from tcplab.file import tap as filetap
-from tcplab.file.sender import FileSender, Uploader
+from tcplab.file.sender import Uploader, UploadProtocol
 from tcplab.multi import tap as multitap
 from tests.test_send import scratch
 
@@ -175,7 +175,7 @@ class FileTricklerTests(LoopbackCase):
             f.write(data)
 
         def connect() -> defer.Deferred[Any]:
-            client = FileSender(reactor, 10)
+            client = UploadProtocol(reactor, 10)
             return TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client))
 
         uploader = Uploader(connect)
@@ -205,7 +205,7 @@ class MultiTricklerTests(LoopbackCase):
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--idle-timeout", "1", "--max-line", "32",
                               "--stats-interval", "0", "--notice-limit", "0"])
-        service = multitap.MultiService(options, reactor)
+        service = multitap.HubService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         port = service.listening.ports[0].getHost().port

@@ -22,7 +22,7 @@ from tcplab.errors import (
     VerificationFailed,
 )
 from tcplab.escaping import escapeName
-from tcplab.file.sender import CHUNK_SIZE, FileSender, ServerBusy, Uploader
+from tcplab.file.sender import CHUNK_SIZE, ServerBusy, Uploader, UploadProtocol
 from tcplab.file.wire import TOKEN_ENV, Clash, TokenError, loadToken
 
 
@@ -225,7 +225,7 @@ async def run(reactor: Any, options: Options) -> None:
     progress = Progress(total, not options["quiet"] and sys.stderr.isatty())
 
     def newConnection() -> Any:
-        return connect(reactor, options, FileSender(reactor, options["timeout"], CHUNK_SIZE))
+        return connect(reactor, options, UploadProtocol(reactor, options["timeout"], CHUNK_SIZE))
 
     uploader = Uploader(newConnection, token=options["token"], resume=options["resume"],
                         clash=Clash.FAIL if options["no-rename"] else None)

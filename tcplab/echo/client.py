@@ -38,6 +38,7 @@ MAX_PENDING_BYTES = 16 << 20
 MAX_UNMATCHED_LINE = 64 << 10
 
 
+# Not LineOnlyReceiver: it re-copies a long unfinished echo each read and drops a read's lines after an overlong one.
 class LineBuffer:
     """Splits a byte stream into lines, looking at each byte once (no rescans of a long
     unfinished line). With a ``limit``, an unfinished line that grows past it is dropped, and

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -50,7 +50,7 @@ from tcplab.file.wire import (
     parseTrailer,
 )
 from tcplab.peers import describeAddress
-from tcplab.ratelimit import RateLimiter
+from tcplab.ratelimit import RateLimitedLog
 
 log = Logger(namespace="tcplab.file.receiver")
 
@@ -136,8 +136,7 @@ class FileReceiverFactory(Factory):
         self.refused = 0
         self.turnedAway = 0
         self.unlogged = 0
-        self._unloggedSince = 0
-        self._warnLimit = RateLimiter(WARN_LOG_RATE, WARN_LOG_BURST, self.clock.seconds)
+        self._warnLog = RateLimitedLog(log, LogLevel.warn, WARN_LOG_RATE, WARN_LOG_BURST, self.clock.seconds)
 
     def buildProtocol(self, addr: Any) -> FileReceiver:
         protocol = FileReceiver()
@@ -169,14 +168,8 @@ class FileReceiverFactory(Factory):
 
     def warn(self, format: str, **fields: object) -> None:
         """Log a warning about one client, unless they come too fast (then only count it)."""
-        if not self._warnLimit.allow(None):
+        if not self._warnLog(format, **fields):
             self.unlogged += 1
-            self._unloggedSince += 1
-            return
-        if self._unloggedSince:
-            format += " ({skipped} warnings before this one not logged: too many at once)"
-            fields["skipped"], self._unloggedSince = self._unloggedSince, 0
-        log.warn(format, **fields)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -1,6 +1,6 @@
 """The ``tcplab send`` client: stream files to a tcplab-file server, hashing as they are read.
 
-``FileSender`` is one connection (one request at a time); ``BodyProducer`` reads
+``UploadProtocol`` is one connection (one request at a time); ``BodyProducer`` reads
 the file in large chunks only as fast as the connection takes them, so memory
 stays constant whatever the file size; ``Uploader`` sends file after file,
 reconnecting when the server closed the connection (after an ERR, or at its
@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, INegotiated, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -172,12 +172,16 @@ class BodyProducer:
 
 
 @implementer(IHandshakeListener)
-class FileSender(Protocol):
+class UploadProtocol(LineOnlyReceiver):
     """One connection to a tcplab-file server. ``stat`` and ``put`` send a request
-    and fire with its reply; an ERR fails them (and ends the connection).
+    and fire with its reply; an ERR fails them (and ends the connection). A reply line
+    longer than MAX_REPLY, finished or not, is not believed.
 
     ``timeout`` counts only time without progress on the wire: bytes reaching the server
     (``unsent`` going down), not bytes handed to the socket."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REPLY
 
     def __init__(self, clock: IReactorTime, timeout: float, chunkSize: int = CHUNK_SIZE,
                  unsent: Callable[[Any], int] = unsentBytes) -> None:
@@ -199,7 +203,6 @@ class FileSender(Protocol):
         self._expect: type = Ok
         self._what = ""
         self._producer: BodyProducer | None = None
-        self._buffer = b""
         self._timer: IDelayedCall | None = None
 
     @property
@@ -275,18 +278,10 @@ class FileSender(Protocol):
         self._fail(failure.value)  # type: ignore[arg-type]
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while True:
-            line, newline, rest = self._buffer.partition(b"\n")
-            if not newline:
-                break
-            self._buffer = rest
-            self._reply(line)
-        if len(self._buffer) > MAX_REPLY:
-            self._protocolError("the server sent an overlong line")
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._protocolError("the server sent an overlong line")
 
-    def _reply(self, line: bytes) -> None:
+    def lineReceived(self, line: bytes) -> None:
         try:
             reply = parseReply(line)
         except WireError as e:
@@ -386,9 +381,9 @@ class Uploader:
         self.resume = resume
         self.runBlocking = runBlocking or threads.deferToThread
         self.connections = 0
-        self._client: FileSender | None = None
+        self._client: UploadProtocol | None = None
 
-    async def _connection(self) -> FileSender:
+    async def _connection(self) -> UploadProtocol:
         if self._client is None or not self._client.usable:
             self._client = await self.connect()
             self.connections += 1

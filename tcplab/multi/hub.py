@@ -33,7 +33,7 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -43,7 +43,7 @@ from tcplab.multi.backplane import STATS_FORMAT, Backplane
 from tcplab.multi.sendqueue import SendQueue
 from tcplab.multi.wire import HELP, isValidNick, parseCommand, prefixFor, serverLine
 from tcplab.peers import describeAddress
-from tcplab.ratelimit import RateLimiter
+from tcplab.ratelimit import RateLimitedLog
 
 log = Logger(namespace="tcplab.multi.hub")
 
@@ -419,13 +419,11 @@ class MultiHub(Factory):
         self._broadcasting = False
         self._later: deque[tuple[bytes, HubClient | None]] = deque()
         self._whenEmpty: list[Deferred[None]] = []
-        self._logLimit = RateLimiter(CLIENT_LOG_RATE, CLIENT_LOG_BURST, self.clock.seconds)
+        self._clientLog = RateLimitedLog(log, LogLevel.info, CLIENT_LOG_RATE, CLIENT_LOG_BURST, self.clock.seconds)
 
     def logClient(self, format: str, **fields: object) -> None:
         """Log one client's event, unless such lines are coming too fast (then only count it)."""
-        if self._logLimit.allow(None):
-            log.info(format, **fields)
-        else:
+        if not self._clientLog(format, **fields):
             self.stats.unlogged += 1
 
     # -- joining and leaving

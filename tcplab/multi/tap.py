@@ -132,7 +132,7 @@ class ReusePortService(ListeningService):
             sock.close()
 
 
-class MultiService(service.MultiService):
+class HubService(service.MultiService):
     """The listeners, the hub and its backplane; stopping closes the listeners, then tells every client
     and waits (a bounded time) until they are gone, and leaves the backplane."""
 
@@ -182,7 +182,7 @@ class MultiService(service.MultiService):
         return gatherResults(waits).addCallback(lambda _: self.hub.logStats())
 
 
-def makeService(options: Options) -> MultiService:
-    service_ = MultiService(options)
+def makeService(options: Options) -> HubService:
+    service_ = HubService(options)
     service_.setName("tcplab-multi")
     return service_

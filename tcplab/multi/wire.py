@@ -52,11 +52,6 @@ def parseCommand(text: bytes) -> Command | None:
     return Command(word.decode("ascii", "replace").lower(), argument.strip(b" \t"))
 
 
-def unslash(text: bytes) -> bytes:
-    """What others see of a plain line: ``//text`` is sent as ``/text``."""
-    return text[1:] if text[:2] == b"//" else text
-
-
 HELP = (
     "commands: /nick NAME (1-32 letters, digits, _ - or .), /who, /quit, /help;"
     " start a line with // to send one that begins with /"
