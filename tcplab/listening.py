@@ -5,22 +5,39 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import stat
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     UNIXServerEndpoint,
     serverFromString,
 )
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.systemd import ListenFDs
+from zope.interface import directlyProvides, implementer, providedBy
 
 from tcplab.coerce import intOption
 
@@ -52,10 +69,12 @@ def endpointKind(description: str) -> str:
 
 
 def withBacklog(description: str, backlog: int) -> str:
-    """Add ``backlog=`` to a TCP-family endpoint string that does not set one.
+    """Add ``backlog=`` to a TCP-family endpoint string that does not set one (also under ``haproxy:``).
 
     Twisted's default of 50 makes bursts of connections wait seconds in SYN retries.
     """
+    if endpointKind(description) == "haproxy":
+        return "haproxy:" + withBacklog(description.split(":", 1)[1], backlog)
     if endpointKind(description) not in TCP_FAMILY or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
@@ -82,6 +101,9 @@ class ServerOptions(usage.Options):
         ["port", "p", None, "TCP port to listen on (default: the server's own)."],
         ["interface", "i", "", "Address to bind --port to (default: all interfaces)."],
         ["backlog", None, str(DEFAULT_BACKLOG), "Listen backlog for TCP endpoints (capped by somaxconn)."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics (and /healthz) on this endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1 (default: off). Keep it on loopback or a private network."],
+        ["usage-log", None, None, "Append one JSON object per finished connection (and upload) to this file."],
     ]
 
     def __init__(self) -> None:
@@ -118,6 +140,15 @@ class ServerOptions(usage.Options):
             raise usage.UsageError("use either --listen or --port/--interface, not both")
         for description in self["listen"]:
             checkServerEndpoint(description)
+        if self["metrics"] is not None:
+            if endpointKind(self["metrics"]) == "haproxy":
+                raise usage.UsageError("--metrics takes a plain endpoint such as tcp:9100:interface=127.0.0.1")
+            try:
+                checkServerEndpoint(self["metrics"])
+            except usage.UsageError as e:
+                raise usage.UsageError(str(e).replace("--listen", "--metrics", 1)) from None
+        if self["usage-log"] is not None:
+            checkWritableFile("--usage-log", self["usage-log"])
 
     def backlog(self) -> int:
         """``--backlog``, capped by the kernel's somaxconn."""
@@ -140,6 +171,17 @@ def checkServerEndpoint(description: str) -> None:
         raise usage.UsageError(f"--listen {description}: {e}") from None
 
 
+def checkWritableFile(option: str, path: str) -> None:
+    """A one-line UsageError unless ``path`` is a file this user can append to (or create)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise usage.UsageError(f"{option} {path} is a folder: give a file name in it")
+    if not os.path.isdir(folder):
+        raise usage.UsageError(f"{option} {path}: the folder {folder} does not exist: create it first")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise usage.UsageError(f"{option} {path} is not writable by this user: choose another file")
+
+
 class EndpointError(ValueError):
     """An endpoint string tcplab cannot listen on; the message says what is wrong and how to fix it."""
 
@@ -152,10 +194,13 @@ _KEYS = {
             "sslmethod"),
     "unix": ("address", "mode", "backlog", "lockfile"),
     "systemd": ("domain", "index", "name"),
+    "haproxy": (),
 }
 _POSITIONAL = {"tcp": "port", "tcp6": "port", "ssl": "port", "unix": "address"}
-_EXAMPLES = ("tcp:7000, tcp6:7000, unix:/run/tcplab.sock, ssl:7443:privateKey=key.pem:certKey=cert.pem "
-             "or systemd:domain=INET:index=0")
+_EXAMPLES = ("tcp:7000, tcp6:7000, unix:/run/tcplab.sock, ssl:7443:privateKey=key.pem:certKey=cert.pem, "
+             "haproxy:tcp:7000 or systemd:domain=INET:index=0")
+#: What ``haproxy:`` may wrap: the PROXY header comes first in clear, so TLS must end at the proxy.
+_PROXIED = ("tcp", "tcp6", "unix", "systemd")
 #: Socket mode of a ``unix:`` endpoint without ``mode=``: owner only (Twisted's default is 0666).
 UNIX_MODE = 0o600
 
@@ -185,6 +230,13 @@ def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     ``tcp``, ``tcp6``, ``unix`` and ``ssl`` are built here (``unix:`` sockets are owner-only unless
     ``mode=`` says otherwise; ``ssl:`` uses :mod:`tcplab.tlsserver`); other types go to Twisted.
     """
+    kind = endpointKind(description) if description.strip() else ""
+    if kind == "haproxy":
+        inner = description.split(":", 1)[1] if ":" in description else ""
+        if endpointKind(inner) not in _PROXIED or not inner.strip():
+            raise EndpointError("haproxy: wraps tcp:, tcp6:, unix: or systemd:, e.g. haproxy:tcp:7001 (the PROXY "
+                                "header comes before any TLS: end TLS at the proxy)")
+        return ProxiedEndpoint(serverEndpoint(reactor, inner), reactor)
     args, kwargs = splitEndpoint(description)
     kind = args.pop(0).strip().lower() if args else ""
     if kind.isdigit():
@@ -211,11 +263,7 @@ def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     if kind == "unix":
         return _unixEndpoint(reactor, kwargs)
     if kind == "systemd":
-        _checkSystemd(kwargs)
-        try:
-            return serverFromString(reactor, description)
-        except Exception as e:
-            raise EndpointError(f"{e}") from None
+        return _systemdEndpoint(reactor, kwargs)
     port = _number(kind, "port", kwargs["port"], 0, 65535, "a port number from 0 to 65535", _example(kind))
     backlog = _number(kind, "backlog", kwargs.get("backlog", "50"), 1, 1 << 20, "a whole number", "backlog=1024")
     interface = kwargs.get("interface", "")
@@ -276,37 +324,199 @@ def _unixEndpoint(reactor: Any, kwargs: dict[str, str]) -> UNIXServerEndpoint:
     return UNIXServerEndpoint(reactor, path, backlog, mode, wantPID=lockfile == "1")
 
 
+def readListenFDs(environ: Mapping[str, str], pid: int, start: int = 3) -> ListenFDs:
+    """The sockets named by ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES`` (sd_listen_fds(3)).
+
+    Unlike Twisted's ``ListenFDs.fromEnvironment``, a missing ``LISTEN_FDNAMES`` (as from
+    ``systemd-socket-activate`` without ``--fdname``) names each socket ``unknown``, as
+    sd_listen_fds_with_names(3) does, instead of hiding every socket.
+    """
+    if environ.get("LISTEN_PID") != str(pid):
+        return ListenFDs([])
+    try:
+        count = int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return ListenFDs([])
+    if not 0 < count <= 1024:
+        return ListenFDs([])
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    if len(names) != count:
+        names = ["unknown"] * count
+    return ListenFDs(list(range(start, start + count)), names)
+
+
+def _execEnvironment() -> dict[str, str]:
+    """The environment this process was started with (Linux, where systemd runs).
+
+    Twisted deletes LISTEN_PID and LISTEN_FDS from os.environ when ``twisted.internet.endpoints``
+    is imported, even when it then ignores them; /proc/self/environ still holds them.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in pairs}
+
+
 def _systemdSockets() -> ListenFDs:
-    """The sockets systemd passed, as Twisted's ``systemd:`` parser read them at import (reading
-    removes LISTEN_FDS and LISTEN_PID from the environment, so they cannot be read again)."""
+    """The sockets systemd passed: Twisted's reading of them if it saw any, else our own."""
     from twisted.internet import endpoints
 
     fds = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
-    return fds if isinstance(fds, ListenFDs) else ListenFDs.fromEnvironment()
+    if isinstance(fds, ListenFDs) and fds.inheritedDescriptors():
+        return fds
+    environ: Mapping[str, str] = os.environ if "LISTEN_FDS" in os.environ else _execEnvironment()
+    return readListenFDs(environ, os.getpid())
 
 
-def _checkSystemd(kwargs: dict[str, str]) -> None:
-    """Say in one line why an inherited socket is not there (Twisted says "list index out of range")."""
+#: Read once, at import, before twistd can fork into the background (LISTEN_PID names this process).
+INHERITED = _systemdSockets()
+
+
+def _systemdEndpoint(reactor: Any, kwargs: dict[str, str], fds: ListenFDs | None = None) -> IStreamServerEndpoint:
+    """Adopt a socket systemd passed, or say in one line why it is not there (Twisted says
+    "list index out of range")."""
+    fds = INHERITED if fds is None else fds
     domain = kwargs.get("domain")
     if domain is None or not hasattr(socket, f"AF_{domain}"):
         raise EndpointError("give domain=INET, INET6 or UNIX (the family of the socket systemd passes)")
     if ("index" in kwargs) == ("name" in kwargs):
         raise EndpointError("give exactly one of index=N or name=NAME (FileDescriptorName=)")
-    fds = _systemdSockets()
     passed = fds.inheritedDescriptors()
     if not passed:
         raise EndpointError("systemd passed this process no socket: start it from a .socket unit (or "
-                            "systemd-socket-activate --fdname=NAME), or listen on tcp:PORT")
+                            "systemd-socket-activate -l PORT), or listen on tcp:PORT")
     if "name" in kwargs:
         names = fds.inheritedNamedDescriptors()
         if kwargs["name"] not in names:
             raise EndpointError(f"no socket named {kwargs['name']!r} was passed (names: "
                                 f"{', '.join(sorted(names)) or 'none'}): match FileDescriptorName= in the unit")
-        return
-    index = kwargs["index"]
-    if not index.isdigit() or int(index) >= len(passed):
-        raise EndpointError(f"index={index} but systemd passed {len(passed)} socket(s): use index=0"
-                            + (f" to {len(passed) - 1}" if len(passed) > 1 else ""))
+        fileno = names[kwargs["name"]]
+    else:
+        index = kwargs["index"]
+        if not index.isdigit() or int(index) >= len(passed):
+            raise EndpointError(f"index={index} but systemd passed {len(passed)} socket(s): use index=0"
+                                + (f" to {len(passed) - 1}" if len(passed) > 1 else ""))
+        fileno = passed[int(index)]
+    try:
+        isSocket = stat.S_ISSOCK(os.fstat(fileno).st_mode)
+    except OSError:
+        isSocket = False
+    if not isSocket:
+        raise EndpointError(f"descriptor {fileno} that systemd announced is not a socket: check the .socket unit")
+    return AdoptedStreamServerEndpoint(reactor, fileno, getattr(socket, f"AF_{domain}"))
+
+
+#: Seconds a connection to a ``haproxy:`` endpoint has to send its PROXY header.
+PROXY_HEADER_TIMEOUT = 10.0
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+@implementer(IHalfCloseableProtocol)
+class ProxiedProtocol(HAProxyProtocolWrapper):
+    """Twisted's PROXY wrapper, made to hand the connection on only once the header is read.
+
+    Twisted's own calls the server's ``connectionMade`` before the header has arrived, so the
+    server names, logs and counts the proxy's address; it also closes a connection whose header
+    comes in pieces of under 16 bytes, and passes no half-close on. A connection that sends no
+    header within :data:`PROXY_HEADER_TIMEOUT` is closed.
+    """
+
+    factory: ProxiedFactory
+
+    def __init__(self, factory: ProxiedFactory, wrappedProtocol: IProtocol) -> None:
+        super().__init__(factory, wrappedProtocol)
+        self._head = b""
+        self._connected = False
+        self._timer: IDelayedCall | None = None
+
+    def makeConnection(self, transport: ITransport) -> None:
+        directlyProvides(self, providedBy(transport), IHalfCloseableProtocol)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self._timer = self.factory.clock.callLater(PROXY_HEADER_TIMEOUT, self._noHeader)
+
+    def _noHeader(self) -> None:
+        self._timer = None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._connected:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        parser = self._parser
+        if parser is None:
+            head = self._head + data
+            if head.startswith(b"PROXY"):
+                parser = V1Parser()
+            elif len(head) >= 16 and head.startswith(_V2_SIGNATURE) and head[12] & 0xF0 == 0x20:
+                parser = V2Parser()
+            elif len(head) < 16 and (_V2_SIGNATURE.startswith(head[:12]) or b"PROXY".startswith(head)):
+                self._head = head
+                return
+            else:
+                self.transport.loseConnection()
+                return
+            self._parser, self._head, data = parser, b"", head
+        try:
+            info, remaining = parser.feed(data)
+        except InvalidProxyHeader:
+            self.transport.loseConnection()
+            return
+        if info is None:
+            return
+        self._proxyInfo, self._connected = info, True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.wrappedProtocol.makeConnection(self)
+        if remaining and self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(remaining)
+
+    def readConnectionLost(self) -> None:
+        if self._connected and IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.readConnectionLost()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self._connected and IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.writeConnectionLost()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._connected:
+            super().connectionLost(reason)
+        else:
+            self.factory.unregisterProtocol(self)
+
+
+class ProxiedFactory(HAProxyWrappingFactory):
+    """Wraps each connection in a :class:`ProxiedProtocol`."""
+
+    protocol = ProxiedProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, wrappedFactory: IProtocolFactory, clock: Any) -> None:
+        super().__init__(wrappedFactory)
+        self.clock = clock
+
+
+@implementer(IStreamServerEndpoint)
+class ProxiedEndpoint:
+    """An endpoint whose connections start with a PROXY header (v1 or v2, as HAProxy's
+    ``send-proxy`` and ``send-proxy-v2`` send): the server sees the address it reports."""
+
+    def __init__(self, inner: IStreamServerEndpoint, clock: Any) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.inner.listen(ProxiedFactory(factory, self.clock))
 
 
 def _portDescription(port: int, interface: str) -> str:

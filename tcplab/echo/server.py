@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -15,6 +16,7 @@ from zope.interface import implementer
 from tcplab.flow import ReadThrottle, encryptEachWrite, plainSocket, throttleReadsOnWrites, unsentBytes, writeNow
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
+from tcplab.usagelog import UsageLog
 
 log = Logger(namespace="tcplab.echo.server")
 
@@ -44,10 +46,13 @@ class Echo(Protocol):
     def __init__(self) -> None:
         self.peer = "?"
         self.echoed = 0
+        self.started = 0.0
         self._socket: socket.socket | None = None
 
     def connectionMade(self) -> None:
         self.peer = describeAddress(self.transport.getPeer())
+        self.started = self.factory.clock.seconds()
+        self.factory.accepted += 1
         self._socket = plainSocket(self.transport)
         if self._socket is None:
             encryptEachWrite(self.transport)
@@ -60,6 +65,7 @@ class Echo(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.echoed += len(data)
+        self.factory.received += len(data)
         writeNow(self.transport, self._socket, data)
 
     def readConnectionLost(self) -> None:
@@ -78,6 +84,12 @@ class Echo(Protocol):
         self.factory.connections -= 1
         self.factory.echoed += self.echoed
         log.info("{peer} disconnected, {echoed} bytes echoed", peer=self.peer, echoed=self.echoed)
+        if self.factory.usage is not None:
+            idle = getattr(self, "closing", False)
+            self.factory.usage.connection(
+                self.started, self.peer, self.echoed, self.echoed, "idle" if idle else "closed",
+                f"nothing sent or read for {self.factory.idleTimeout:g}s (--idle-timeout)" if idle
+                else "closed cleanly" if reason is None or reason.check(ConnectionDone) else "connection lost")
 
 
 class ProgressThrottle(ReadThrottle):
@@ -145,18 +157,24 @@ class TimedEcho(Echo, TimeoutMixin):
 
 
 class EchoFactory(Factory):
-    """Counts live connections and bytes echoed by closed ones; ``idleTimeout`` > 0 closes
-    connections idle that long (``clock`` times them: the reactor unless a test passes one)."""
+    """Counts connections (accepted, live), bytes received (and so echoed) and bytes echoed by
+    closed ones, for the log and ``--metrics``; ``idleTimeout`` > 0 closes connections idle that
+    long (``clock`` times them: the reactor unless a test passes one); ``usage`` records each
+    finished connection (``--usage-log``)."""
 
     noisy = False
 
-    def __init__(self, idleTimeout: float = 0.0, clock: IReactorTime | None = None) -> None:
+    def __init__(self, idleTimeout: float = 0.0, clock: IReactorTime | None = None,
+                 usage: UsageLog | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.idleTimeout = idleTimeout
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.protocol = TimedEcho if idleTimeout else Echo
+        self.usage = usage
+        self.accepted = 0
         self.connections = 0
+        self.received = 0
         self.echoed = 0
         self.timedOut = 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from twisted.application import service
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -10,6 +12,8 @@ from twisted.python import usage
 from tcplab.coerce import floatOption
 from tcplab.echo.server import MAX_DATAGRAM, EchoFactory, UDPEcho
 from tcplab.listening import TCP_FAMILY, CannotListen, ListeningService, ServerOptions, endpointKind
+from tcplab.metrics import Family, byLabel, one
+from tcplab.usagelog import UsageLog
 
 
 class Options(ServerOptions):
@@ -44,11 +48,32 @@ class EchoService(service.MultiService):
 
         self.reactor = reactor or defaultReactor
         self.options = options
-        self.factory = EchoFactory(options["idle-timeout"], self.reactor)  # type: ignore[arg-type]
+        self.usage = UsageLog(options["usage-log"], "echo", self.reactor) if options["usage-log"] else None
+        self.factory = EchoFactory(options["idle-timeout"], self.reactor, self.usage)  # type: ignore[arg-type]
         self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
         self.tcp.setServiceParent(self)
         self.udp: UDPEcho | None = None
         self.udpPort: IListeningPort | None = None
+        if options["metrics"]:
+            from tcplab.metrics import MetricsService
+
+            MetricsService(options["metrics"], self.metrics, self.reactor).setServiceParent(self)
+
+    def metrics(self) -> Iterator[Family]:
+        """What ``--metrics`` shows: the factory's and the UDP echo's own counters."""
+        f = self.factory
+        yield "echo_connections_accepted_total", "counter", "TCP connections accepted.", one(f.accepted)
+        yield "echo_connections_open", "gauge", "TCP connections open now.", one(f.connections)
+        yield "echo_received_bytes_total", "counter", "Bytes received over TCP.", one(f.received)
+        yield ("echo_sent_bytes_total", "counter", "Bytes echoed over TCP (handed to the socket or its buffer).",
+               one(f.received))
+        yield ("echo_clients_disconnected_total", "counter", "TCP clients the server disconnected, by reason.",
+               byLabel("reason", {"idle": f.timedOut}))
+        if self.udp is not None:
+            u = self.udp
+            yield "echo_udp_datagrams_answered_total", "counter", "UDP datagrams echoed.", one(u.echoed)
+            yield ("echo_udp_datagrams_dropped_total", "counter", "UDP datagrams not answered, by reason.",
+                   byLabel("reason", {"service_port": u.droppedPort, "rate_limited": u.droppedRate}))
 
     def startService(self) -> None:
         super().startService()
@@ -67,7 +92,10 @@ class EchoService(service.MultiService):
         if self.udpPort is not None:
             self.udpPort.stopListening()
             self.udpPort = None
-        return super().stopService()
+        d = super().stopService()
+        if self.usage is not None:
+            d.addBoth(lambda result: (self.usage.close(), result)[1])  # type: ignore[union-attr]
+        return d
 
 
 def makeService(options: Options) -> EchoService:

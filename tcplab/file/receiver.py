@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from tcplab.escaping import escapeName
 from tcplab.file.names import checkPath, storedParts
+from tcplab.file.observe import FileCounters
 from tcplab.file.store import FileStore, HeldPrefix, StorageError, Upload
 from tcplab.file.wire import (
     EMPTY_SHA256,
@@ -137,6 +138,7 @@ class FileReceiverFactory(Factory):
         self.turnedAway = 0
         self.unlogged = 0
         self._warnLog = RateLimitedLog(log, LogLevel.warn, WARN_LOG_RATE, WARN_LOG_BURST, self.clock.seconds)
+        self.counters = FileCounters()
 
     def buildProtocol(self, addr: Any) -> FileReceiver:
         protocol = FileReceiver()
@@ -185,6 +187,7 @@ class FileReceiver(Protocol):
         self.admitted = False
         self.waitingToGo = False
         self.requests = 0
+        self.bytesIn = 0
         self._line = bytearray()
         self._held = b""
         self._timer: IDelayedCall | None = None
@@ -203,11 +206,13 @@ class FileReceiver(Protocol):
         address = self.transport.getPeer()
         self.peer = describeAddress(address)
         self.factory.connections += 1
+        self.factory.counters.opened(self)
         self.peerKey = peerKey(address)
         refusal = self.factory.admit(self.peerKey)
         if refusal is not None:
             factory = self.factory
             factory.turnedAway += 1
+            factory.counters.turnedAwayFor(refusal)
             factory.warn("{peer}: turned away: {message}", peer=self.peer, message=refusal)
             if factory.turningAway >= factory.maxTurningAway:
                 self.state = State.CLOSING
@@ -225,6 +230,8 @@ class FileReceiver(Protocol):
         self._enterHeader()
 
     def dataReceived(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        self.factory.counters.received += len(data)
         if self.state in _PAUSED:
             self._held += data
         elif self.state is not State.CLOSING:
@@ -241,6 +248,7 @@ class FileReceiver(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.counters.closed(self)
         self._lost = True
         self._cancelTimer()
         if self._upload is not None:
@@ -382,6 +390,7 @@ class FileReceiver(Protocol):
         try:
             request = parseRequest(line)
             self._subject = request.name
+            self.factory.counters.request(self)
             if self.requests >= self.factory.maxFiles:
                 raise WireError(ErrorCode.TOO_MANY_FILES, f"at most {self.factory.maxFiles} requests per "
                                                           "connection: open a new connection for the rest")
@@ -470,6 +479,7 @@ class FileReceiver(Protocol):
 
     def _committed(self, stored: str, put: Put, sha256: str) -> None:
         self.factory.stored += 1
+        self.factory.counters.storedUpload(self, escapeName(stored), put.size, sha256)
         log.info("{peer} stored {name} ({size} bytes, sha256 {sha256})", peer=self.peer, name=escapeName(stored),
                  size=put.size, sha256=sha256)
         if self._lost:
@@ -504,6 +514,7 @@ class FileReceiver(Protocol):
             upload, self._upload = self._upload, None
             upload.abort(keep=keep)
         self.factory.refused += 1
+        self.factory.counters.failed(self, code, message)
         self.factory.warn("{peer}: {name}: ERR {code} {message}", peer=self.peer, name=self._name(),
                           code=str(code), message=message)
         self._refuse(code, message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 
 from twisted.application import service
 from twisted.application.internet import TimerService
@@ -16,8 +17,10 @@ from tcplab.escaping import escapeName
 from tcplab.file.names import MAX_NAME_BYTES, RESERVED_PREFIX, checkPart
 from tcplab.file.receiver import FileReceiverFactory
 from tcplab.file.store import FileStore
-from tcplab.file.wire import TOKEN_ENV, TokenError, WireError, loadToken
+from tcplab.file.wire import TOKEN_ENV, ErrorCode, TokenError, WireError, loadToken
 from tcplab.listening import ListeningService, ServerOptions
+from tcplab.metrics import Family, byLabel, one
+from tcplab.usagelog import UsageLog
 
 log = Logger(namespace="tcplab.file")
 
@@ -137,12 +140,35 @@ class FileService(service.MultiService):
             maxConnections=options["max-connections"],
             maxPerPeer=options["max-per-peer"],
         )
+        self.usage = UsageLog(options["usage-log"], "file", self.reactor) if options["usage-log"] else None
+        self.factory.counters.usage = self.usage
         self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
         self.tcp.setServiceParent(self)
         ttl = options["partial-ttl"]
         self.cleaner = TimerService(max(1.0, min(ttl / 4, 3600.0)), self.cleanStale)
         self.cleaner.clock = self.reactor
         self.cleaner.setServiceParent(self)
+        if options["metrics"]:
+            from tcplab.metrics import MetricsService
+
+            MetricsService(options["metrics"], self.metrics, self.reactor).setServiceParent(self)
+
+    def metrics(self) -> Iterator[Family]:
+        """What ``--metrics`` shows: the receiver's own counters."""
+        f, c = self.factory, self.factory.counters
+        yield "file_connections_accepted_total", "counter", "Connections accepted.", one(c.accepted)
+        yield "file_connections_open", "gauge", "Connections open now.", one(f.connections)
+        yield ("file_connections_refused_total", "counter", "Connections turned away, by the limit reached.",
+               byLabel("reason", {"max_connections": c.turnedAway["max_connections"],
+                                  "max_per_peer": c.turnedAway["max_per_peer"]}))
+        yield "file_received_bytes_total", "counter", "Bytes received (requests and bodies).", one(c.received)
+        yield "file_sent_bytes_total", "counter", "Bytes of replies sent.", one(c.sent)
+        yield "file_uploads_stored_total", "counter", "Files verified and stored.", one(c.stored)
+        yield "file_stored_bytes_total", "counter", "Bytes of files stored.", one(c.bytesStored)
+        yield ("file_uploads_failed_total", "counter", "Requests answered with ERR, by error code.",
+               byLabel("code", {code.value: c.errors[code.value] for code in ErrorCode}))
+        yield ("file_verification_failures_total", "counter", "Uploads whose SHA-256 did not match (nothing stored).",
+               one(c.errors[ErrorCode.CHECKSUM_MISMATCH.value]))
 
     def startService(self) -> None:
         super().startService()
@@ -165,6 +191,8 @@ class FileService(service.MultiService):
         d = super().stopService()
         if not self.factory.connections:
             self.store.close()  # else a commit may still be using it; the process is ending anyway
+        if self.usage is not None:
+            d.addBoth(lambda result: (self.usage.close(), result)[1])  # type: ignore[union-attr]
         return d
 
 

@@ -44,6 +44,7 @@ from tcplab.multi.sendqueue import SendQueue
 from tcplab.multi.wire import HELP, isValidNick, parseCommand, prefixFor, serverLine
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimitedLog
+from tcplab.usagelog import UsageLog
 
 log = Logger(namespace="tcplab.multi.hub")
 
@@ -72,6 +73,7 @@ class HubConfig:
 class HubStats:
     """Counters since the hub started, for the periodic stats line."""
 
+    accepted: int = 0
     joined: int = 0
     lines: int = 0
     bytesIn: int = 0
@@ -124,6 +126,9 @@ class HubClient(Protocol, TimeoutMixin):
         self._readingPaused = False
         self._handshaking = False
         self._abort: IDelayedCall | None = None
+        self.started = 0.0
+        self.received = 0
+        self.leaving: Leaving | None = None
 
     # -- connection lifecycle
 
@@ -131,6 +136,8 @@ class HubClient(Protocol, TimeoutMixin):
         hub = self.factory
         self.callLater = hub.clock.callLater  # type: ignore[method-assign]
         self.peer = describeAddress(self.transport.getPeer())
+        self.started = hub.clock.seconds()
+        hub.stats.accepted += 1
         hub.connections += 1
         self._handshaking = ISSLTransport.providedBy(self.transport)
         if self._handshaking:
@@ -189,6 +196,8 @@ class HubClient(Protocol, TimeoutMixin):
         if self.queue is not None:
             hub.stats.bytesOut += self.queue.written
             self.queue.clear()
+        if hub.usage is not None:
+            hub.recordUsage(self)
         hub.connectionGone()
 
     def setName(self, name: str) -> None:
@@ -208,6 +217,7 @@ class HubClient(Protocol, TimeoutMixin):
         self.resetTimeout()
         hub = self.factory
         hub.stats.bytesIn += len(data)
+        self.received += len(data)
         if b"\n" not in data:
             self._partial += data
             if _overLong(self._partial, hub.config.maxLine):
@@ -420,6 +430,8 @@ class MultiHub(Factory):
         self._later: deque[tuple[bytes, HubClient | None]] = deque()
         self._whenEmpty: list[Deferred[None]] = []
         self._clientLog = RateLimitedLog(log, LogLevel.info, CLIENT_LOG_RATE, CLIENT_LOG_BURST, self.clock.seconds)
+        #: ``--usage-log``: one record per finished connection.
+        self.usage: UsageLog | None = None
 
     def logClient(self, format: str, **fields: object) -> None:
         """Log one client's event, unless such lines are coming too fast (then only count it)."""
@@ -459,6 +471,7 @@ class MultiHub(Factory):
         if not client.member:
             return
         client.member = False
+        client.leaving = leaving
         count = self.population()
         del self.members[client]
         if self.names.get(client.name.lower()) is client:
@@ -588,13 +601,30 @@ class MultiHub(Factory):
         d.addErrback(_ignoreTimeout)
         return d
 
+    def recordUsage(self, client: HubClient) -> None:
+        leaving = client.leaving
+        if leaving is not None:
+            outcome, reason = leaving.name.lower(), leaving.reason or "closed by the client"
+        elif client.closing:
+            outcome, reason = "refused", "server shutting down" if self.stopping else "server full (--max-clients)"
+        else:
+            outcome, reason = "closed", "closed before the TLS handshake completed"
+        written = client.queue.written if client.queue is not None else 0
+        assert self.usage is not None
+        self.usage.connection(client.started, client.peer, client.received, written, outcome, reason,
+                              name=client.name or None)
+
+    def sendQueueBytes(self) -> int:
+        """Bytes waiting in every client's send queue, for --metrics."""
+        return sum(c.queue.queued for c in self.members if c.queue is not None)
+
     def statsFields(self) -> dict[str, int]:
         s = self.stats
         bytesOut = s.bytesOut + sum(c.queue.written for c in self.members if c.queue is not None)
         return {
             "clients": len(self.members), "joined": s.joined, "lines": s.lines, "bytesIn": s.bytesIn,
             "bytesOut": bytesOut, "slow": s.slow, "idle": s.idle, "tooLong": s.tooLong, "refused": s.refused,
-            "unlogged": s.unlogged,
+            "unlogged": s.unlogged, "accepted": s.accepted,
         }
 
     def logStats(self) -> None:

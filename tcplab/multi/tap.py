@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.application import service
@@ -16,8 +17,10 @@ from twisted.python import usage
 
 from tcplab.coerce import floatOption, intOption
 from tcplab.listening import CannotListen, ListeningService, ServerOptions, raiseOpenFilesLimit
+from tcplab.metrics import Family, byLabel, one
 from tcplab.multi.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 from tcplab.multi.hub import HubConfig, MultiHub
+from tcplab.usagelog import UsageLog
 
 log = Logger(namespace="tcplab.multi.hub")
 
@@ -146,6 +149,8 @@ class HubService(service.MultiService):
         if address is not None:
             self.backplane = RedisBackplane(address, options["channel"], self.reactor, ttl=options["presence-ttl"])
         self.hub = MultiHub(options.hubConfig(), self.reactor, self.backplane)  # type: ignore[arg-type]
+        self.usage = UsageLog(options["usage-log"], "multi", self.reactor) if options["usage-log"] else None
+        self.hub.usage = self.usage
         self.statsInterval: float = options["stats-interval"]
         self.listening: ListeningService
         if options["reuse-port"]:
@@ -155,6 +160,38 @@ class HubService(service.MultiService):
             self.listening = ListeningService(options.endpointDescriptions(), self.hub, self.reactor)
         self.listening.setServiceParent(self)
         self.stats: LoopingCall | None = None
+        if options["metrics"]:
+            from tcplab.metrics import MetricsService
+
+            MetricsService(options["metrics"], self.metrics, self.reactor).setServiceParent(self)
+
+    def metrics(self) -> Iterator[Family]:
+        """What ``--metrics`` shows: the counters of the stats log line (``statsFields``), no others."""
+        s = self.hub.statsFields()
+        yield "multi_connections_accepted_total", "counter", "Connections accepted.", one(s["accepted"])
+        yield "multi_connections_open", "gauge", "Connections open now (members or not).", one(self.hub.connections)
+        yield "multi_clients", "gauge", "Clients in the room on this server now.", one(s["clients"])
+        yield "multi_clients_joined_total", "counter", "Clients that joined the room.", one(s["joined"])
+        yield ("multi_connections_refused_total", "counter", "Connections refused, by reason.",
+               byLabel("reason", {"server_full": s["refused"]}))
+        yield "multi_received_bytes_total", "counter", "Bytes received from clients.", one(s["bytesIn"])
+        yield "multi_sent_bytes_total", "counter", "Bytes handed to clients' sockets.", one(s["bytesOut"])
+        yield "multi_lines_relayed_total", "counter", "Lines received and relayed to the room.", one(s["lines"])
+        yield ("multi_clients_disconnected_total", "counter", "Clients the server cut loose, by reason.",
+               byLabel("reason", {"too_slow": s["slow"], "idle": s["idle"], "line_too_long": s["tooLong"]}))
+        yield ("multi_send_queue_bytes", "gauge", "Bytes waiting in clients' send queues now.",
+               one(self.hub.sendQueueBytes()))
+        if self.backplane is not None:
+            b = self.backplane.statsFields()
+            yield ("multi_backplane_up", "gauge", "1 while the backplane (Redis) is connected, else 0.",
+                   one(1 if b["bpState"] == "up" else 0))
+            yield "multi_backplane_messages_sent_total", "counter", "Lines sent to the backplane.", one(b["bpSent"])
+            yield ("multi_backplane_messages_received_total", "counter", "Lines received from other servers.",
+                   one(b["bpReceived"]))
+            yield ("multi_backplane_messages_dropped_total", "counter", "Backplane messages lost, by reason.",
+                   byLabel("reason", {"send_failed": b["bpDropped"], "duplicate": b["bpDuplicates"],
+                                      "missed": b["bpMissed"], "malformed": b["bpMalformed"]}))
+            yield "multi_backplane_nodes", "gauge", "Other servers seen on the backplane.", one(b["bpNodes"])
 
     def startService(self) -> None:
         old, new = raiseOpenFilesLimit()
@@ -179,7 +216,10 @@ class HubService(service.MultiService):
         waits = [listeners, clients]
         if self.backplane is not None:
             waits.append(self.backplane.stop())
-        return gatherResults(waits).addCallback(lambda _: self.hub.logStats())
+        done = gatherResults(waits).addCallback(lambda _: self.hub.logStats())
+        if self.usage is not None:
+            done.addBoth(lambda result: (self.usage.close(), result)[1])  # type: ignore[union-attr]
+        return done
 
 
 def makeService(options: Options) -> HubService:
