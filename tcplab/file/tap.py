@@ -17,6 +17,7 @@ from tcplab.file.names import MAX_NAME_BYTES, RESERVED_PREFIX, checkPart
 from tcplab.file.receiver import FileReceiverFactory
 from tcplab.file.store import FileStore
 from tcplab.file.wire import TOKEN_ENV, TokenError, WireError, loadToken
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import ListeningService, ServerOptions
 
 log = Logger(namespace="tcplab.file")
@@ -117,11 +118,9 @@ class Options(ServerOptions):
 class FileService(service.MultiService):
     """The listeners, the store they write into, and the cleaner of stale partial files."""
 
-    def __init__(self, options: Options, reactor: object = None) -> None:
+    def __init__(self, options: Options, reactor: IReactor | None = None) -> None:
         super().__init__()
-        from twisted.internet import reactor as defaultReactor
-
-        self.reactor = reactor or defaultReactor
+        self.reactor = reactor or globalReactor()
         self.options = options
         self.store = FileStore(options["dir"], overwrite=options["overwrite"])
         token = options["token"]
@@ -133,7 +132,7 @@ class FileService(service.MultiService):
             headerTimeout=options["header-timeout"],
             idleTimeout=options["idle-timeout"],
             maxFiles=options["max-files-per-connection"],
-            clock=self.reactor,  # type: ignore[arg-type]
+            clock=self.reactor,
             maxConnections=options["max-connections"],
             maxPerPeer=options["max-per-peer"],
         )
@@ -161,7 +160,7 @@ class FileService(service.MultiService):
         d = self.store.runBlocking(self.store.cleanStale, self.options["partial-ttl"])
         return d.addCallbacks(report, failed)
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[object]:
         d = super().stopService()
         if not self.factory.connections:
             self.store.close()  # else a commit may still be using it; the process is ending anyway
