@@ -10,6 +10,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from tcplab.coerce import floatOption, intOption
 from tcplab.escaping import escapeName
@@ -154,8 +155,8 @@ class FileService(service.MultiService):
             if removed:
                 log.info("removed {n} stale partial file(s)", n=removed)
 
-        def failed(failure: object) -> None:
-            log.failure("cleaning stale partial files failed", failure)  # type: ignore[arg-type]
+        def failed(failure: Failure) -> None:
+            log.failure("cleaning stale partial files failed", failure)
 
         d = self.store.runBlocking(self.store.cleanStale, self.options["partial-ttl"])
         return d.addCallbacks(report, failed)
