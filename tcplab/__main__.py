@@ -1,7 +1,7 @@
 try:  # the C module: ``signal`` builds enums on import, which takes longer than Ctrl-C may wait
-    import _signal as signal
+    import _signal as signal  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - not CPython
-    import signal  # type: ignore[no-redef]
+    import signal
 
 # Until main() installs its own handler, a Ctrl-C ends the process quietly (the shell reports 130).
 signal.signal(signal.SIGINT, signal.SIG_DFL)

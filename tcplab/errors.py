@@ -78,7 +78,7 @@ class VerificationFailed(TcplabError):
 def connectFailure(failure: Failure, where: str) -> TcplabError:
     """Turn a failed ``endpoint.connect`` into one line that says what to check."""
     if failure.check(TcplabError):
-        return failure.value  # type: ignore[return-value]
+        return failure.value
     if failure.check(ierror.ConnectionRefusedError):
         return ConnectFailed(f"connection to {where} refused: is the server running on that port?")
     if failure.check(ierror.DNSLookupError):
@@ -96,7 +96,7 @@ def tlsFailure(reason: Failure | None, where: str | None = None) -> TcplabError 
     """A TLS handshake or verification failure hidden in a lost connection, as one line
     (or the one-line error a connection's stand-in already put there, see tcplab.tlsclient)."""
     if reason is not None and reason.check(TcplabError):
-        return reason.value  # type: ignore[return-value]
+        return reason.value
     try:
         from OpenSSL.SSL import Error as SSLError
     except ImportError:  # pragma: no cover

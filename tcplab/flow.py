@@ -8,9 +8,11 @@ import struct
 import termios
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
+
+from tcplab.interfaces import StreamTransport
 
 
 @implementer(IPushProducer)
@@ -22,36 +24,36 @@ class ReadThrottle:
     under a TLS wrapper) can pause and resume its reading.
     """
 
-    def __init__(self, transport: ITransport) -> None:
+    def __init__(self, transport: StreamTransport) -> None:
         self._transport = transport
         self.paused = False
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self._transport.pauseProducing()  # type: ignore[attr-defined]
+        self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self._transport.resumeProducing()  # type: ignore[attr-defined]
+        self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
         self.paused = False
 
 
-def throttleReadsOnWrites(transport: ITransport) -> ReadThrottle:
+def throttleReadsOnWrites(transport: StreamTransport) -> ReadThrottle:
     """Make ``transport`` stop reading while its own outgoing buffer is full."""
     throttle = ReadThrottle(transport)
-    transport.registerProducer(throttle, True)  # type: ignore[attr-defined]
+    transport.registerProducer(throttle, True)
     return throttle
 
 
-def plainSocket(transport: ITransport) -> socket.socket | None:
+def plainSocket(transport: StreamTransport) -> socket.socket | None:
     """The socket under a plain TCP or UNIX transport (None for TLS and anything else),
     for :func:`writeNow`."""
-    return transport.socket if isinstance(transport, tcp.Connection) else None  # type: ignore[return-value]
+    return transport.socket if isinstance(transport, tcp.Connection) else None
 
 
-def encryptEachWrite(transport: ITransport) -> None:
+def encryptEachWrite(transport: StreamTransport) -> None:
     """Make a Twisted TLS transport encrypt each write at once instead of gathering small ones
     until the next reactor turn.
 
@@ -64,7 +66,7 @@ def encryptEachWrite(transport: ITransport) -> None:
         transport.write = TLSMemoryBIOProtocol.write.__get__(transport)  # type: ignore[method-assign]
 
 
-def writeNow(transport: ITransport, sock: socket.socket | None, data: bytes) -> None:
+def writeNow(transport: StreamTransport, sock: socket.socket | None, data: bytes) -> None:
     """Write ``data``, straight into ``sock`` when the transport has nothing queued.
 
     ``transport.write`` only queues the bytes until the next reactor turn: an extra

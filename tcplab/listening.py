@@ -40,6 +40,7 @@ from twisted.python.systemd import ListenFDs
 from zope.interface import directlyProvides, implementer, providedBy
 
 from tcplab.coerce import intOption
+from tcplab.interfaces import IReactor, globalReactor
 
 log = Logger()
 
@@ -153,7 +154,7 @@ class ServerOptions(usage.Options):
     def backlog(self) -> int:
         """``--backlog``, capped by the kernel's somaxconn."""
         cap = somaxconn()
-        return min(self["backlog"], cap) if cap else self["backlog"]  # type: ignore[no-any-return]
+        return min(self["backlog"], cap) if cap else self["backlog"]
 
     def endpointDescriptions(self) -> list[str]:
         """The endpoint strings this server listens on, each with a raised backlog."""
@@ -163,10 +164,8 @@ class ServerOptions(usage.Options):
 
 def checkServerEndpoint(description: str) -> None:
     """Raise a one-line UsageError, naming the problem and the fix, for an endpoint string tcplab cannot use."""
-    from twisted.internet import reactor
-
     try:
-        serverEndpoint(reactor, description)
+        serverEndpoint(globalReactor(), description)
     except EndpointError as e:
         raise usage.UsageError(f"--listen {description}: {e}") from None
 
@@ -224,7 +223,7 @@ def splitEndpoint(description: str) -> tuple[list[str], dict[str, str]]:
     return args, kwargs
 
 
-def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def serverEndpoint(reactor: IReactor, description: str) -> IStreamServerEndpoint:
     """The endpoint for a ``--listen`` string, or an :class:`EndpointError` in the user's terms.
 
     ``tcp``, ``tcp6``, ``unix`` and ``ssl`` are built here (``unix:`` sockets are owner-only unless
@@ -282,7 +281,7 @@ def serverEndpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
                         kwargs.get("extraCertChain"), kwargs.get("dhParameters"))
     except TLSConfigError as e:
         raise EndpointError(str(e)) from None
-    return SSL4ServerEndpoint(reactor, port, tls, backlog, interface)  # type: ignore[arg-type]
+    return SSL4ServerEndpoint(reactor, port, tls, backlog, interface)
 
 
 def _example(kind: str) -> str:
@@ -300,7 +299,7 @@ def _number(kind: str, key: str, value: str, low: int, high: int, what: str, exa
     return number
 
 
-def _unixEndpoint(reactor: Any, kwargs: dict[str, str]) -> UNIXServerEndpoint:
+def _unixEndpoint(reactor: IReactor, kwargs: dict[str, str]) -> UNIXServerEndpoint:
     path = kwargs["address"]
     if not path:
         raise EndpointError("the socket path is empty: e.g. unix:/run/tcplab.sock")
@@ -531,16 +530,14 @@ class ListeningService(service.Service):
     listening ports once started (so port 0 can be looked up, by tests and by
     the UDP echo that shares the TCP port number)."""
 
-    def __init__(self, descriptions: list[str], factory: IProtocolFactory, reactor: object = None) -> None:
+    def __init__(self, descriptions: list[str], factory: IProtocolFactory, reactor: IReactor | None = None) -> None:
         self.descriptions = descriptions
         self.factory = factory
         self.ports: list[IListeningPort] = []
         self._reactor = reactor
 
     def startService(self) -> None:
-        from twisted.internet import reactor as defaultReactor
-
-        reactor = self._reactor or defaultReactor
+        reactor = self._reactor or globalReactor()
         super().startService()
         for description in self.descriptions:
             failures: list[Failure] = []
@@ -554,7 +551,7 @@ class ListeningService(service.Service):
                 self.stopService()
                 raise CannotListen(f"tcplab: cannot listen on {description}: {failures[0].getErrorMessage()}")
 
-    def stopService(self) -> Deferred[object]:  # type: ignore[override]
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         ports, self.ports = self.ports, []
         return gatherResults([maybeDeferred(p.stopListening) for p in ports]).addCallback(lambda _: None)

@@ -15,9 +15,8 @@ def describeAddress(address: object) -> str:
     if isinstance(address, IPv4Address):
         return f"{address.host}:{address.port}"
     if isinstance(address, UNIXAddress):
-        name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "surrogateescape")
+        raw = address.name
+        name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
         # A client chooses the path it binds to: escaped, it cannot write to a terminal or a log.
         return f"unix:{escapeText(name)}" if name else "unix"
     return str(address)

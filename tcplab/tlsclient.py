@@ -31,12 +31,13 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides
 
 from tcplab.errors import ConnectFailed, tlsFailure
 from tcplab.escaping import escapeName
+from tcplab.interfaces import StreamTransport
 
 #: At most this many of a certificate's names are quoted in a message.
 MAX_NAMES_SHOWN = 5
@@ -86,6 +87,8 @@ def _isIP(host: str) -> bool:
 class _Forwarding(Protocol):
     """Stands in for ``protocol`` on a transport, passing on what it is told once handed over."""
 
+    transport: StreamTransport
+
     def __init__(self, protocol: IProtocol) -> None:
         self.protocol = protocol
         self.handedOver = False
@@ -102,12 +105,12 @@ class _Forwarding(Protocol):
         self.protocol.dataReceived(data)
 
     def readConnectionLost(self) -> None:
-        self.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        IHalfCloseableProtocol(self.protocol).readConnectionLost()
 
     def writeConnectionLost(self) -> None:
-        self.protocol.writeConnectionLost()  # type: ignore[attr-defined]
+        IHalfCloseableProtocol(self.protocol).writeConnectionLost()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.handedOver:
             self.protocol.connectionLost(reason)
         elif not self.ready.called:
@@ -118,7 +121,7 @@ class _Forwarding(Protocol):
 
     def _cancel(self, d: Deferred[IProtocol]) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
 
 class VerifiedTLS(_Forwarding):
@@ -152,11 +155,11 @@ class VerifiedTLS(_Forwarding):
 
     def handshakeCompleted(self) -> None:
         if self.refusal is not None:  # pragma: no cover - the handshake cannot complete once refused
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
             return
         self.handOver()
         if IHandshakeListener.providedBy(self.protocol):
-            self.protocol.handshakeCompleted()  # type: ignore[attr-defined]
+            self.protocol.handshakeCompleted()
 
     def failure(self, reason: Failure | None) -> Failure:
         if self.refusal is not None:
@@ -208,7 +211,7 @@ class PlainTCP(_Forwarding):
             data, self.held = self.held, b""
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.heard or self.probe is None or not (reason is None or reason.check(ConnectionDone, ConnectionLost)):
             return self._lost(reason)
 
@@ -223,7 +226,7 @@ class PlainTCP(_Forwarding):
 
         self.probe().addCallback(decided)
 
-    def _lost(self, reason: Failure | None) -> None:
+    def _lost(self, reason: Failure) -> None:
         if self.held:
             held, self.held = self.held, b""
             super().dataReceived(held)
@@ -242,21 +245,23 @@ def clientHello() -> bytes:
 
 
 class _Probe(Protocol):
+    transport: StreamTransport
+
     def __init__(self) -> None:
         self.head = b""
         self.answer: Deferred[bool] = Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(clientHello())  # type: ignore[union-attr]
+        self.transport.write(clientHello())
 
     def dataReceived(self, data: bytes) -> None:
         self.head += data
         verdict = _answersTLS(self.head)
         if verdict is not None and not self.answer.called:
             self.answer.callback(verdict)
-            self.transport.abortConnection()  # type: ignore[union-attr]
+            self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.answer.called:
             self.answer.callback(bool(self.head) and _answersTLS(self.head) is True)
 
@@ -270,7 +275,7 @@ def speaksTLS(endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: flo
 
     def done(result: object) -> bool:
         if probe.transport is not None:
-            probe.transport.abortConnection()  # type: ignore[attr-defined]
+            probe.transport.abortConnection()
         return result is True
 
     return d.addBoth(done)

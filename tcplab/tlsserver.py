@@ -36,7 +36,7 @@ class TLSConfigError(ValueError):
     """A certificate, key or parameter file the server cannot use; the message says which and why."""
 
 
-def _declineALPN(connection: SSL.Connection, offered: list[bytes]) -> object:
+def _declineALPN(connection: SSL.Connection, offered: list[bytes]) -> SSL._NoOverlappingProtocols:
     """Select no protocol, so the handshake completes without ALPN (RFC 7301 allows it)."""
     return SSL.NO_OVERLAPPING_PROTOCOLS
 

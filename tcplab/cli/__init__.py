@@ -14,9 +14,9 @@ import os
 import sys
 
 try:  # the C module: ``signal`` builds enums on import, which takes longer than Ctrl-C may wait
-    import _signal as signal
+    import _signal as signal  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - not CPython
-    import signal  # type: ignore[no-redef]
+    import signal
 
 TYPE_CHECKING = False  # typing itself takes a while to import: not before the handler is in place
 if TYPE_CHECKING:
@@ -116,14 +116,17 @@ def _main(args: list[str]) -> int:
 def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
     """Run one command on the reactor; the first way it ends decides the exit status."""
     global _onInterrupt
-    from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.error import ReactorNotRunning
-    from twisted.logger import LogLevel, globalLogBeginner
+    from twisted.logger import ILogObserver, LogLevel, globalLogBeginner
     from twisted.python.failure import Failure
+    from zope.interface import provider
 
     from tcplab.cli import common
     from tcplab.errors import ExitCode
+    from tcplab.interfaces import globalReactor
+
+    reactor = globalReactor()
 
     outcome: list[int] = []
 
@@ -140,6 +143,7 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
             return  # already ending (Ctrl-C, stdout gone): what the command makes of it is moot
         finish(_exitFor(result) if isinstance(result, Failure) else int(ExitCode.OK))
 
+    @provider(ILogObserver)
     def unhandled(event: dict[str, Any]) -> None:
         """An error Twisted would print as a traceback: one line instead, and the command ends."""
         failure = event.get("log_failure")
@@ -156,7 +160,7 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
     reactor.callWhenRunning(lambda: ensureDeferred(run(reactor, options)).addBoth(ended))
     if _interrupted:
         return INTERRUPTED
-    reactor.run(installSignalHandlers=False)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # IReactorCore.run names no arguments
     _onInterrupt = _stillInterrupted
     return INTERRUPTED if _interrupted else outcome[0] if outcome else int(ExitCode.FAILURE)
 

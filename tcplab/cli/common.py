@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NoReturn
 from twisted.internet import defer, stdio
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python import usage
@@ -25,6 +25,7 @@ from tcplab import __version__
 from tcplab.coerce import floatOption, intOption
 from tcplab.errors import ConnectFailed, TcplabError, UsageProblem, connectFailure
 from tcplab.escaping import escapeName
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import escapeEndpointValue
 from tcplab.tlsclient import PlainTCP, VerifiedTLS, speaksTLS
 
@@ -36,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageProblem(" ".join(message.split()))
 
 
-class CommandOptions(dict):  # type: ignore[type-arg]
+class CommandOptions(dict):
     """The parsed options of one command, indexable as ``options["port"]``.
 
     Options may come before or after operands (as with cp, curl and git) and ``--`` ends them;
@@ -135,10 +136,8 @@ class ClientOptions(CommandOptions):
             except Exception:
                 raise UsageProblem(f"--ca {self['ca']} is not a PEM certificate") from None
         if self["connect"]:
-            from twisted.internet import reactor
-
             try:
-                self.endpoint(reactor)
+                self.endpoint(globalReactor())
             except Exception as e:
                 text = " ".join(str(e).split()) or type(e).__name__
                 raise UsageProblem(f"bad --connect endpoint {self['connect']!r}: {escapeName(text)}") from None
@@ -159,7 +158,7 @@ class ClientOptions(CommandOptions):
         """The server, as the user named it, for error messages."""
         return self["connect"] or f"{self['host']}:{self['port']}"
 
-    def endpoint(self, reactor: object) -> IStreamClientEndpoint:
+    def endpoint(self, reactor: IReactor) -> IStreamClientEndpoint:
         if self["tls"]:
             tcp = HostnameEndpoint(reactor, self["host"], self["port"], timeout=self["timeout"])
             return wrapClientTLS(optionsForClientTLS(self["host"], trustRoot=self.trustRoot), tcp)
@@ -254,7 +253,7 @@ def _splitEndpoint(text: str) -> list[tuple[str | None, str]]:
     return parts
 
 
-def _withTrustRoot(reactor: object, description: str, ca: str) -> IStreamClientEndpoint:
+def _withTrustRoot(reactor: IReactor, description: str, ca: str) -> IStreamClientEndpoint:
     """A ``tls:`` endpoint that trusts only ``ca``: Twisted's ``trustRoots=`` takes a
     folder of PEM files, read while the endpoint is built, so one is made for the moment."""
     with tempfile.TemporaryDirectory(prefix="tcplab-ca-") as folder:
@@ -266,7 +265,7 @@ def _withTrustRoot(reactor: object, description: str, ca: str) -> IStreamClientE
 PROBE_TIMEOUT = 2.0
 
 
-def connect(reactor: Any, options: ClientOptions, protocol: IProtocol) -> Deferred[IProtocol]:
+def connect(reactor: IReactor, options: ClientOptions, protocol: IProtocol) -> Deferred[IProtocol]:
     """Connect ``protocol``, over TLS only once the handshake is done and the certificate names
     the host; a failure (within ``--timeout``) becomes a one-line TcplabError."""
     where = options.where()
@@ -291,7 +290,7 @@ def connect(reactor: Any, options: ClientOptions, protocol: IProtocol) -> Deferr
     return d.addErrback(failed)
 
 
-def readStdin(reactor: object, protocol: Protocol) -> IPushProducer:
+def readStdin(reactor: IReactor, protocol: Protocol) -> IPushProducer:
     """Deliver stdin to ``protocol`` (``dataReceived`` then ``connectionLost`` at EOF), and
     return the producer that pauses and resumes the reading.
 
@@ -302,7 +301,8 @@ def readStdin(reactor: object, protocol: Protocol) -> IPushProducer:
     fd = sys.stdin.fileno()
     mode = os.fstat(fd).st_mode
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd):
-        return stdio.StandardIO(protocol, stdin=fd, reactor=reactor)  # type: ignore[no-any-return]
+        # stdio picks its POSIX StandardIO at run time; the type checker sees the Windows one.
+        return stdio.StandardIO(protocol, stdin=fd, reactor=reactor)  # type: ignore[call-arg]
     return _FileReader(reactor, fd, protocol)
 
 
@@ -310,13 +310,13 @@ def readStdin(reactor: object, protocol: Protocol) -> IPushProducer:
 class _FileReader:
     """Reads a regular file in chunks, one per reactor turn, while not paused."""
 
-    def __init__(self, reactor: object, fd: int, protocol: Protocol) -> None:
+    def __init__(self, reactor: IReactorTime, fd: int, protocol: Protocol) -> None:
         self.reactor = reactor
         self.fd = fd
         self.protocol = protocol
         self.paused = False
         self.done = False
-        self._call = reactor.callLater(0, self._readSome)  # type: ignore[attr-defined]
+        self._call: IDelayedCall | None = reactor.callLater(0, self._readSome)
 
     def _readSome(self) -> None:
         self._call = None
@@ -329,7 +329,7 @@ class _FileReader:
         if data:
             self.protocol.dataReceived(data)
             if not self.paused and self._call is None:
-                self._call = self.reactor.callLater(0, self._readSome)  # type: ignore[attr-defined]
+                self._call = self.reactor.callLater(0, self._readSome)
         else:
             self.done = True
             self.protocol.connectionLost(Failure(EOFError()))
@@ -340,7 +340,7 @@ class _FileReader:
     def resumeProducing(self) -> None:
         self.paused = False
         if self._call is None and not self.done:
-            self._call = self.reactor.callLater(0, self._readSome)  # type: ignore[attr-defined]
+            self._call = self.reactor.callLater(0, self._readSome)
 
     def stopProducing(self) -> None:
         self.done = True

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 from twisted.application.service import IService
@@ -29,6 +30,7 @@ from tcplab.echo import tap as echotap
 from tcplab.echo.client import EchoClient, LineBuffer
 from tcplab.errors import LocalFileError, TcplabError
 from tcplab.file import tap as filetap
+from tcplab.interfaces import IReactor
 from tcplab.multi import tap as multitap
 
 Say = Callable[[str], None]
@@ -60,7 +62,7 @@ def serverLog(out: Say, namespaces: tuple[str, ...]) -> Iterator[list[str]]:
     seen: list[str] = []
 
     @provider(ILogObserver)
-    def observe(event: dict) -> None:  # type: ignore[type-arg]
+    def observe(event: dict[str, Any]) -> None:
         if str(event.get("log_namespace", "")).startswith(namespaces):
             text = formatEvent(event)
             seen.append(text)
@@ -76,11 +78,11 @@ def serverLog(out: Say, namespaces: tuple[str, ...]) -> Iterator[list[str]]:
         globalLogPublisher.removeObserver(observe)
 
 
-def startServer(tap: object, argv: list[str]) -> tuple[IService, int]:
+def startServer(tap: ModuleType, argv: list[str]) -> tuple[IService, int]:
     """Build and start a server exactly as twistd would, on a free loopback port."""
-    options = tap.Options()  # type: ignore[attr-defined]
+    options = tap.Options()
     options.parseOptions(["--port", "0", "--interface", "127.0.0.1", *argv])
-    service = tap.makeService(options)  # type: ignore[attr-defined]
+    service = tap.makeService(options)
     service.startService()
     return service, _listeningPort(service)
 
@@ -118,7 +120,7 @@ def clientOptions(port: int, *argv: str) -> ClientOptions:
     return options
 
 
-async def task1(reactor: object, out: Say) -> None:
+async def task1(reactor: IReactor, out: Say) -> None:
     out("Task 1: echo server and client (twistd -n --pidfile= tcplab-echo; tcplab echo hello)")
     with serverLog(out, ("tcplab.echo.server",)) as seen:
         service, port = startServer(echotap, [])
@@ -129,12 +131,12 @@ async def task1(reactor: object, out: Say) -> None:
                 lines.append(line)
                 out(f"    client | {line.decode('utf-8', 'backslashreplace').rstrip()}")
 
-            client = EchoClient(byLine(received), reactor, 5)  # type: ignore[arg-type]
+            client = EchoClient(byLine(received), reactor, 5)
             await connect(reactor, clientOptions(port), client)
             client.sendLines([b"hello"])
             client.endInput()
             await client.done
-            await deferLater(reactor, 0.05, lambda: None)  # type: ignore[arg-type]
+            await deferLater(reactor, 0.05, lambda: None)
         finally:
             await service.stopService()
     if lines != [b"hello\n"] or not any("connection from" in s for s in seen):
@@ -142,7 +144,7 @@ async def task1(reactor: object, out: Say) -> None:
     out("    ok: the server saw its first contact and the client got 'hello' back")
 
 
-async def task2(reactor: object, out: Say, clients: int = 300, atOnce: int = 50) -> None:
+async def task2(reactor: IReactor, out: Say, clients: int = 300, atOnce: int = 50) -> None:
     out(f"Task 2: multi-client server (twistd -n --pidfile= tcplab-multi): "
         f"a storm of {clients} clients, {atOnce} at a time")
     service, port = startServer(multitap, ["--stats-interval", "0"])
@@ -151,7 +153,7 @@ async def task2(reactor: object, out: Say, clients: int = 300, atOnce: int = 50)
         started = time.monotonic()
 
         async def one(i: int) -> None:
-            client = EchoClient(lambda line: None, reactor, 10)  # type: ignore[arg-type]
+            client = EchoClient(lambda line: None, reactor, 10)
             try:
                 await connect(reactor, clientOptions(port), client)
                 client.sendLines([b"storm line %d" % i])
@@ -172,17 +174,21 @@ async def task2(reactor: object, out: Say, clients: int = 300, atOnce: int = 50)
         chatters: dict[str, EchoClient] = {}
         for name in ("alice", "bob", "carol"):
             lines = seen.setdefault(name, [])
-            chatters[name] = client = EchoClient(
-                byLine(lambda line, lines=lines: lines.append(line.decode("utf-8", "backslashreplace").rstrip("\n"))),
-                reactor, 5,  # type: ignore[arg-type]
-            )
+
+            def record(line: bytes, lines: list[str] = lines) -> None:
+                lines.append(line.decode("utf-8", "backslashreplace").rstrip("\n"))
+
+            chatters[name] = client = EchoClient(byLine(record), reactor, 5)
             await connect(reactor, clientOptions(port), client)
             client.sendLines([b"/nick " + name.encode()])
         for said, (name, text) in enumerate((("alice", "hi all"), ("bob", "hello alice"), ("carol", "it works"))):
             chatters[name].sendLines([text.encode()])
-            await _until(reactor, lambda n=said + 1: all(
-                sum(s.startswith("<") or not s.startswith(("*", "/")) for s in lines) >= n for lines in seen.values()
-            ))
+
+            def heard(n: int = said + 1) -> bool:
+                return all(sum(s.startswith("<") or not s.startswith(("*", "/")) for s in lines) >= n
+                           for lines in seen.values())
+
+            await _until(reactor, heard)
         for client in chatters.values():
             client.endInput()
             await client.done
@@ -202,7 +208,7 @@ async def task2(reactor: object, out: Say, clients: int = 300, atOnce: int = 50)
 SECRET = "important_secret_file.txt"
 
 
-async def task3(reactor: object, out: Say, folder: str) -> None:
+async def task3(reactor: IReactor, out: Say, folder: str) -> None:
     out("Task 3: file transfer (twistd -n --pidfile= tcplab-file --port 9000; tcplab send important_secret_file.txt)")
     local = os.path.join(folder, SECRET)
     with open(local, "wb") as f:
@@ -214,7 +220,7 @@ async def task3(reactor: object, out: Say, folder: str) -> None:
             options = sendcli.Options()
             options.parseOptions(["--host", "127.0.0.1", "--port", str(port), local])
             await sendcli.run(reactor, options)
-            await deferLater(reactor, 0.05, lambda: None)  # type: ignore[arg-type]
+            await deferLater(reactor, 0.05, lambda: None)
         finally:
             await service.stopService()
     stored = os.path.join(folder, "received_" + SECRET)
@@ -236,7 +242,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-async def _bounded(reactor: object, jobs: list, limit: int) -> None:  # type: ignore[type-arg]
+async def _bounded(reactor: IReactor, jobs: list[Coroutine[Any, Any, None]], limit: int) -> None:
     """Run coroutines at most ``limit`` at a time."""
     pending = iter(jobs)
 
@@ -247,12 +253,12 @@ async def _bounded(reactor: object, jobs: list, limit: int) -> None:  # type: ig
     await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(limit)])
 
 
-async def _until(reactor: object, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+async def _until(reactor: IReactor, condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise DemoFailed("timed out waiting for the chat lines")
-        await deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+        await deferLater(reactor, 0.01, lambda: None)
 
 
 async def step(label: str, work: Coroutine[Any, Any, None]) -> None:
@@ -265,7 +271,7 @@ async def step(label: str, work: Coroutine[Any, Any, None]) -> None:
         raise DemoFailed(f"{label} failed: {e}") from None
 
 
-async def run(reactor: object, options: Options) -> None:
+async def run(reactor: IReactor, options: Options) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tcplab-demo-") as temporary:
         folder = options["dir"] or temporary

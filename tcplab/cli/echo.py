@@ -12,6 +12,7 @@ from tcplab.cli.common import ClientOptions, connect, readStdin, writeStdout
 from tcplab.echo.client import EchoClient, InputLines, TerminalText, UDPEchoClient
 from tcplab.errors import ConnectFailed, UsageProblem
 from tcplab.escaping import showable
+from tcplab.interfaces import IReactor
 
 #: With --udp, stdin is read whole before the datagrams go (each line one datagram).
 MAX_UDP_INPUT = 1 << 20
@@ -45,7 +46,7 @@ class Options(ClientOptions):
             raise UsageProblem("--udp takes --host/--port, not --connect")
 
 
-async def run(reactor: object, options: Options) -> None:
+async def run(reactor: IReactor, options: Options) -> None:
     terminal = TerminalText() if sys.stdout.isatty() else None
 
     def output(data: bytes) -> None:
@@ -56,7 +57,7 @@ async def run(reactor: object, options: Options) -> None:
     if options["udp"]:
         await _runUDP(reactor, options, (lambda data: writeStdout(showable(data))) if terminal else writeStdout)
         return
-    client = EchoClient(output, reactor, options["timeout"], _notice)  # type: ignore[arg-type]
+    client = EchoClient(output, reactor, options["timeout"], _notice)
     await connect(reactor, options, client)
     if options["messages"]:
         client.sendLines(options["messages"])
@@ -74,7 +75,7 @@ def _notice(text: str) -> None:
     print(f"tcplab: {text}", file=sys.stderr, flush=True)
 
 
-async def _runUDP(reactor: object, options: Options, output: Callable[[bytes], None]) -> None:
+async def _runUDP(reactor: IReactor, options: Options, output: Callable[[bytes], None]) -> None:
     messages = options["messages"]
     if not messages:
         if os.isatty(0):
@@ -92,11 +93,11 @@ async def _runUDP(reactor: object, options: Options, output: Callable[[bytes], N
         raise ConnectFailed(f"cannot resolve {options['host']}: {e.strerror}") from None
     # IPv4 first: the servers bind IPv4 by default, and "localhost" often resolves to ::1 first.
     family, _, _, _, address = sorted(infos, key=lambda info: info[0] != socket.AF_INET)[0]
-    client = UDPEchoClient(messages, output, reactor, options["timeout"])  # type: ignore[arg-type]
+    client = UDPEchoClient(messages, output, reactor, options["timeout"])
     interface = "::" if family == socket.AF_INET6 else ""
     # Twisted reads at most 8192 bytes of a datagram by default: a longer echo would pass for truncated.
-    port = reactor.listenUDP(0, client, interface=interface, maxPacketSize=MAX_DATAGRAM + 1)  # type: ignore[attr-defined]
-    port.connect(address[0], address[1])
+    port = reactor.listenUDP(0, client, interface=interface, maxPacketSize=MAX_DATAGRAM + 1)
+    port.connect(address[0], address[1])  # type: ignore[attr-defined]  # listenUDP's port is an IUDPTransport
     client.send()
     try:
         await client.done

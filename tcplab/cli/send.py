@@ -24,6 +24,7 @@ from tcplab.errors import (
 from tcplab.escaping import escapeName
 from tcplab.file.sender import CHUNK_SIZE, ServerBusy, Uploader, UploadProtocol
 from tcplab.file.wire import TOKEN_ENV, Clash, TokenError, loadToken
+from tcplab.interfaces import IReactor
 
 
 class Options(ClientOptions):
@@ -218,7 +219,7 @@ class Progress:
             self.bar.close()
 
 
-async def run(reactor: Any, options: Options) -> None:
+async def run(reactor: IReactor, options: Options) -> None:
     progress = Progress(0, False)
     items = collectFiles(options["files"], options["recursive"], lambda text: progress.line(text, error=True))
     total = sum(item.size for item in items if isinstance(item, Item))

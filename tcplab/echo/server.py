@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITransport
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, IUDPTransport
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.flow import ReadThrottle, encryptEachWrite, plainSocket, throttleReadsOnWrites, unsentBytes, writeNow
+from tcplab.interfaces import StreamTransport, globalReactor
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimiter
 from tcplab.usagelog import UsageLog
@@ -42,6 +44,7 @@ class Echo(Protocol):
     """
 
     factory: EchoFactory
+    transport: StreamTransport
 
     def __init__(self) -> None:
         self.peer = "?"
@@ -74,13 +77,13 @@ class Echo(Protocol):
         The read throttle goes first: with a paused producer registered, a drained transport
         resumes the producer instead of closing; and there is nothing left to read anyway.
         """
-        self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         """Never called: the echo does not shut down its own sending side alone."""
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections -= 1
         self.factory.echoed += self.echoed
         log.info("{peer} disconnected, {echoed} bytes echoed", peer=self.peer, echoed=self.echoed)
@@ -95,7 +98,7 @@ class Echo(Protocol):
 class ProgressThrottle(ReadThrottle):
     """A ReadThrottle that also reports when the peer has read what it was owed."""
 
-    def __init__(self, transport: ITransport, onProgress: Callable[[], None]) -> None:
+    def __init__(self, transport: StreamTransport, onProgress: Callable[[], None]) -> None:
         super().__init__(transport)
         self._onProgress = onProgress
 
@@ -119,7 +122,7 @@ class TimedEcho(Echo, TimeoutMixin):
         self._owed: int | None = None
 
     def connectionMade(self) -> None:
-        self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
+        self.callLater = self.factory.clock.callLater  # type: ignore[method-assign, assignment]
         super().connectionMade()
         self.setTimeout(self.factory.idleTimeout)
 
@@ -137,7 +140,7 @@ class TimedEcho(Echo, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self.closing:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
             return
         owed = unsentBytes(self.transport)
         if owed is not None and self._owed is not None and owed < self._owed:
@@ -151,12 +154,18 @@ class TimedEcho(Echo, TimeoutMixin):
         self.transport.loseConnection()
         self.setTimeout(CLOSE_GRACE)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         super().connectionLost(reason)
 
 
-class EchoFactory(Factory):
+if TYPE_CHECKING:  # Factory is generic for the type checker in recent Twisted, not at run time in 23.10
+    _EchoFactoryBase = Factory[Echo]
+else:
+    _EchoFactoryBase = Factory
+
+
+class EchoFactory(_EchoFactoryBase):
     """Counts connections (accepted, live), bytes received (and so echoed) and bytes echoed by
     closed ones, for the log and ``--metrics``; ``idleTimeout`` > 0 closes connections idle that
     long (``clock`` times them: the reactor unless a test passes one); ``usage`` records each
@@ -166,10 +175,8 @@ class EchoFactory(Factory):
 
     def __init__(self, idleTimeout: float = 0.0, clock: IReactorTime | None = None,
                  usage: UsageLog | None = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.idleTimeout = idleTimeout
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = globalReactor() if clock is None else clock
         self.protocol = TimedEcho if idleTimeout else Echo
         self.usage = usage
         self.accepted = 0
@@ -185,6 +192,7 @@ class UDPEcho(DatagramProtocol):
     so an open echo can be aimed at a victim)."""
 
     noisy = False
+    transport: IUDPTransport
 
     def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
         self.limiter = RateLimiter(rate, burst, clock)
@@ -193,7 +201,7 @@ class UDPEcho(DatagramProtocol):
         self.droppedRate = 0
         self._limited: set[str] = set()
 
-    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         host, port = addr[0], addr[1]
         if port < LOWEST_UDP_SOURCE_PORT:
             self.droppedPort += 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from twisted.application import service
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from tcplab.coerce import floatOption
 from tcplab.echo.server import MAX_DATAGRAM, EchoFactory, UDPEcho
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import TCP_FAMILY, CannotListen, ListeningService, ServerOptions, endpointKind
 from tcplab.metrics import Family, byLabel, one
 from tcplab.usagelog import UsageLog
@@ -42,14 +44,12 @@ class Options(ServerOptions):
 class EchoService(service.MultiService):
     """The TCP listeners, plus a UDP echo bound to the first TCP port's number."""
 
-    def __init__(self, options: Options, reactor: object = None) -> None:
+    def __init__(self, options: Options, reactor: IReactor | None = None) -> None:
         super().__init__()
-        from twisted.internet import reactor as defaultReactor
-
-        self.reactor = reactor or defaultReactor
+        self.reactor = reactor or globalReactor()
         self.options = options
         self.usage = UsageLog(options["usage-log"], "echo", self.reactor) if options["usage-log"] else None
-        self.factory = EchoFactory(options["idle-timeout"], self.reactor, self.usage)  # type: ignore[arg-type]
+        self.factory = EchoFactory(options["idle-timeout"], self.reactor, self.usage)
         self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
         self.tcp.setServiceParent(self)
         self.udp: UDPEcho | None = None
@@ -88,7 +88,7 @@ class EchoService(service.MultiService):
             self.tcp.stopService()
             raise CannotListen(f"tcplab: cannot listen for UDP on {interface}:{port}: {e.socketError}") from None
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[object]:
         if self.udpPort is not None:
             self.udpPort.stopListening()
             self.udpPort = None

@@ -117,7 +117,7 @@ class HeldPrefix:
 
     @property
     def sha256(self) -> str:
-        return self.hasher.hexdigest()  # type: ignore[no-any-return]
+        return self.hasher.hexdigest()
 
 
 class Upload:
@@ -172,7 +172,7 @@ class Upload:
         self._flushed = self.position
 
     def sha256(self) -> str:
-        return self.hasher.hexdigest()  # type: ignore[no-any-return]
+        return self.hasher.hexdigest()
 
     def abort(self, keep: bool = False) -> None:
         """Give up: close the file, and remove it unless ``keep`` and it is a resumable partial."""

@@ -11,6 +11,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from tcplab.coerce import floatOption, intOption
 from tcplab.escaping import escapeName
@@ -18,6 +19,7 @@ from tcplab.file.names import MAX_NAME_BYTES, RESERVED_PREFIX, checkPart
 from tcplab.file.receiver import FileReceiverFactory
 from tcplab.file.store import FileStore
 from tcplab.file.wire import TOKEN_ENV, ErrorCode, TokenError, WireError, loadToken
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import ListeningService, ServerOptions
 from tcplab.metrics import Family, byLabel, one
 from tcplab.usagelog import UsageLog
@@ -120,11 +122,9 @@ class Options(ServerOptions):
 class FileService(service.MultiService):
     """The listeners, the store they write into, and the cleaner of stale partial files."""
 
-    def __init__(self, options: Options, reactor: object = None) -> None:
+    def __init__(self, options: Options, reactor: IReactor | None = None) -> None:
         super().__init__()
-        from twisted.internet import reactor as defaultReactor
-
-        self.reactor = reactor or defaultReactor
+        self.reactor = reactor or globalReactor()
         self.options = options
         self.store = FileStore(options["dir"], overwrite=options["overwrite"])
         token = options["token"]
@@ -136,7 +136,7 @@ class FileService(service.MultiService):
             headerTimeout=options["header-timeout"],
             idleTimeout=options["idle-timeout"],
             maxFiles=options["max-files-per-connection"],
-            clock=self.reactor,  # type: ignore[arg-type]
+            clock=self.reactor,
             maxConnections=options["max-connections"],
             maxPerPeer=options["max-per-peer"],
         )
@@ -181,13 +181,13 @@ class FileService(service.MultiService):
             if removed:
                 log.info("removed {n} stale partial file(s)", n=removed)
 
-        def failed(failure: object) -> None:
-            log.failure("cleaning stale partial files failed", failure)  # type: ignore[arg-type]
+        def failed(failure: Failure) -> None:
+            log.failure("cleaning stale partial files failed", failure)
 
         d = self.store.runBlocking(self.store.cleanStale, self.options["partial-ttl"])
         return d.addCallbacks(report, failed)
 
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Deferred[object]:
         d = super().stopService()
         if not self.factory.connections:
             self.store.close()  # else a commit may still be using it; the process is ending anyway

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
+from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -32,13 +33,14 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ISSLTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.escaping import escapeLine, escapeText
+from tcplab.interfaces import StreamTransport, globalReactor
 from tcplab.multi.backplane import STATS_FORMAT, Backplane
 from tcplab.multi.sendqueue import SendQueue
 from tcplab.multi.wire import HELP, isValidNick, parseCommand, prefixFor, serverLine
@@ -114,6 +116,7 @@ class HubClient(Protocol, TimeoutMixin):
     """
 
     factory: MultiHub
+    transport: StreamTransport
 
     def __init__(self) -> None:
         self.peer = "?"
@@ -134,7 +137,7 @@ class HubClient(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         hub = self.factory
-        self.callLater = hub.clock.callLater  # type: ignore[method-assign]
+        self.callLater = hub.clock.callLater  # type: ignore[method-assign, assignment]
         self.peer = describeAddress(self.transport.getPeer())
         self.started = hub.clock.seconds()
         hub.stats.accepted += 1
@@ -158,7 +161,7 @@ class HubClient(Protocol, TimeoutMixin):
             self._abort = hub.clock.callLater(hub.config.closeGrace, self.transport.abortConnection)
             return
         self.queue = SendQueue(self.transport, hub.config.sendQueue, self.pauseReading, self.resumeReading)
-        self.transport.registerProducer(self.queue, True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(self.queue, True)
         hub.join(self)
         if hub.config.idleTimeout:
             self.setTimeout(hub.config.idleTimeout)
@@ -179,7 +182,7 @@ class HubClient(Protocol, TimeoutMixin):
             tail, self._partial = bytes(self._partial), bytearray()
             self._lines(tail, final=True, echo=echo)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         hub = self.factory
         self.setTimeout(None)
         hub.handshaking.pop(self, None)
@@ -330,14 +333,14 @@ class HubClient(Protocol, TimeoutMixin):
         if self.closing or self._readingPaused or self._handshaking:
             return
         self._readingPaused = True
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.transport.pauseProducing()
         self.setTimeout(None)
 
     def resumeReading(self) -> None:
         if self.closing or not self._readingPaused:
             return
         self._readingPaused = False
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.transport.resumeProducing()
         if self.factory.config.idleTimeout:
             self.setTimeout(self.factory.config.idleTimeout)
 
@@ -382,14 +385,14 @@ class HubClient(Protocol, TimeoutMixin):
         if self.queue is not None:
             pending = self.queue.takeAll() if leaving.flush else []
             self.queue.clear()
-            transport.unregisterProducer()  # type: ignore[attr-defined]
+            transport.unregisterProducer()
             for chunk in pending:
                 self.queue.written += len(chunk)
                 transport.write(chunk)
         if line:
             transport.write(line)
         transport.loseConnection()
-        self._abort = hub.clock.callLater(hub.config.closeGrace, transport.abortConnection)  # type: ignore[attr-defined]
+        self._abort = hub.clock.callLater(hub.config.closeGrace, transport.abortConnection)
 
 
 def _ignoreTimeout(failure: Failure) -> None:
@@ -402,7 +405,13 @@ def _overLong(partial: bytes | bytearray, maxLine: int) -> bool:
     return size > maxLine and not (size == maxLine + 1 and partial[-1:] == b"\r")
 
 
-class MultiHub(Factory):
+if TYPE_CHECKING:  # Factory is generic for the type checker in recent Twisted, not at run time in 23.10
+    _HubFactoryBase = Factory[HubClient]
+else:
+    _HubFactoryBase = Factory
+
+
+class MultiHub(_HubFactoryBase):
     """Who is connected, under which unique name, and the broadcast between them."""
 
     protocol = HubClient
@@ -411,13 +420,11 @@ class MultiHub(Factory):
     def __init__(
         self, config: HubConfig | None = None, clock: IReactorTime | None = None, backplane: Backplane | None = None
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.config = config or HubConfig()
         self.backplane = backplane
         if backplane is not None:
             backplane.attach(self)
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = globalReactor() if clock is None else clock
         self.stats = HubStats()
         self.connections = 0
         self.stopping = False
@@ -592,7 +599,7 @@ class MultiHub(Factory):
         for client in list(self.members):
             client.close(Leaving.SHUTDOWN, serverLine("server shutting down"))
         for client in list(self.handshaking):
-            client.transport.abortConnection()  # type: ignore[attr-defined]
+            client.transport.abortConnection()
         if self.connections <= 0:
             return succeed(None)
         d: Deferred[None] = Deferred()

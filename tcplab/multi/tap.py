@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
@@ -16,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tcplab.coerce import floatOption, intOption
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import CannotListen, ListeningService, ServerOptions, raiseOpenFilesLimit
 from tcplab.metrics import Family, byLabel, one
 from tcplab.multi.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
@@ -104,7 +104,7 @@ class ReusePortService(ListeningService):
     """Listen on ``interface:port`` with SO_REUSEPORT (Twisted's listenTCP has no such flag: the socket
     is made here and adopted by the reactor). Stops, and keeps ``ports``, as :class:`ListeningService`."""
 
-    def __init__(self, port: int, interface: str, backlog: int, factory: IProtocolFactory, reactor: Any) -> None:
+    def __init__(self, port: int, interface: str, backlog: int, factory: IProtocolFactory, reactor: IReactor) -> None:
         super().__init__([], factory, reactor)
         self.port = port
         self.interface = interface
@@ -128,7 +128,8 @@ class ReusePortService(ListeningService):
             sock.bind(address)
             sock.listen(self.backlog)
             sock.setblocking(False)
-            self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, self.factory))
+            # Twisted types the factory as a ServerFactory; any IProtocolFactory does.
+            self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, self.factory))  # type: ignore[arg-type]
         except OSError as e:
             raise CannotListen(f"tcplab: cannot listen on {where} with --reuse-port: {e.strerror or e}") from None
         finally:
@@ -139,16 +140,14 @@ class HubService(service.MultiService):
     """The listeners, the hub and its backplane; stopping closes the listeners, then tells every client
     and waits (a bounded time) until they are gone, and leaves the backplane."""
 
-    def __init__(self, options: Options, reactor: object = None) -> None:
+    def __init__(self, options: Options, reactor: IReactor | None = None) -> None:
         super().__init__()
-        from twisted.internet import reactor as defaultReactor
-
-        self.reactor = reactor or defaultReactor
+        self.reactor = reactor or globalReactor()
         address: RedisAddress | None = options["backplane"]
         self.backplane: RedisBackplane | None = None
         if address is not None:
             self.backplane = RedisBackplane(address, options["channel"], self.reactor, ttl=options["presence-ttl"])
-        self.hub = MultiHub(options.hubConfig(), self.reactor, self.backplane)  # type: ignore[arg-type]
+        self.hub = MultiHub(options.hubConfig(), self.reactor, self.backplane)
         self.usage = UsageLog(options["usage-log"], "multi", self.reactor) if options["usage-log"] else None
         self.hub.usage = self.usage
         self.statsInterval: float = options["stats-interval"]
@@ -204,10 +203,10 @@ class HubService(service.MultiService):
             self.backplane.start()
         if self.statsInterval:
             self.stats = LoopingCall(self.hub.logStats)
-            self.stats.clock = self.reactor  # type: ignore[assignment]
+            self.stats.clock = self.reactor
             self.stats.start(self.statsInterval, now=False)
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> Deferred[None]:
         if self.stats is not None and self.stats.running:
             self.stats.stop()
         self.stats = None
