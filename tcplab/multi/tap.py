@@ -16,8 +16,8 @@ from twisted.python import usage
 
 from tcplab.coerce import floatOption, intOption
 from tcplab.listening import CannotListen, ListeningService, ServerOptions, raiseOpenFilesLimit
-from tcplab.multi.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 from tcplab.multi.hub import HubConfig, MultiHub
+from tcplab.multi.redis import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 
 log = Logger(namespace="tcplab.multi.hub")
 
