@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import given, settings
@@ -443,6 +444,147 @@ class PresenceTests(unittest.TestCase):
         self.assertEqual(list(node.remoteNames()), ["q"], "still in the store: kept")
         node.presenceRead({})
         self.assertEqual((node.remoteCount(), node.remotes), (0, {}), "its key expired, and it sent nothing")
+
+
+class FakeRedisConnection:
+    """Stands for one txredisapi connection: records the commands; PUBLISH waits for ``answer``."""
+
+    def __init__(self, node: bpredis.RedisBackplane) -> None:
+        self.factory = SimpleNamespace(backplane=node)
+        self.connected = True
+        self.commands: list[tuple[Any, ...]] = []
+        self.unanswered: list[defer.Deferred[object]] = []
+
+    def _command(self, *args: Any, result: object = None) -> defer.Deferred[object]:
+        self.commands.append(args)
+        return defer.succeed(result)
+
+    def publish(self, channel: str, message: bytes) -> defer.Deferred[object]:
+        self.commands.append(("PUBLISH", channel, message))
+        d: defer.Deferred[object] = defer.Deferred()
+        self.unanswered.append(d)
+        return d
+
+    def answer(self) -> None:
+        waiting, self.unanswered = self.unanswered, []
+        for d in waiting:
+            d.callback(1)
+
+    def published(self) -> list[bpwire.Envelope]:
+        return [bpwire.decodeEnvelope(c[2]) for c in self.commands if c[0] == "PUBLISH"]
+
+    def subscribe(self, channel: str) -> defer.Deferred[object]:
+        return self._command("SUBSCRIBE", channel)
+
+    def ping(self) -> defer.Deferred[object]:
+        return self._command("PING")
+
+    def set(self, key: str, value: bytes, pexpire: int) -> defer.Deferred[object]:
+        return self._command("SET", key, value, pexpire)
+
+    def sadd(self, key: str, member: str) -> defer.Deferred[object]:
+        return self._command("SADD", key, member)
+
+    def srem(self, key: str, members: object) -> defer.Deferred[object]:
+        return self._command("SREM", key, members)
+
+    def delete(self, key: str) -> defer.Deferred[object]:
+        return self._command("DEL", key)
+
+    def execute_command(self, *args: object) -> defer.Deferred[object]:
+        return self._command(*args)
+
+    def smembers(self, key: str) -> defer.Deferred[object]:
+        return self._command("SMEMBERS", key, result=[])
+
+    def mget(self, keys: list[str]) -> defer.Deferred[object]:
+        return self._command("MGET", keys, result=[])
+
+
+class LifecycleTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = bpredis.RedisBackplane(bpredis.RedisAddress("127.0.0.1", 6399), "room", self.clock, nodeId="me",
+                                           maxUnanswered=300)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def logged(self, text: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if text in e.get("log_format", "")]
+
+    def send(self, line: bytes) -> None:
+        self.node.publish(line, "alice")
+        self.clock.advance(0)
+
+    def connect(self) -> tuple[FakeRedisConnection, FakeRedisConnection]:
+        commands, subscriber = FakeRedisConnection(self.node), FakeRedisConnection(self.node)
+        self.node._commandsReady(commands)
+        self.node._subscriberReady(subscriber)
+        return commands, subscriber
+
+    def test_everyStateAndItsLogLines(self) -> None:
+        """Down at start, up, congested, an outage and back, stopped: each change is logged once, and lines
+        leave only while both connections are ready and Redis keeps up."""
+        node, refused = self.node, Failure(ConnectionRefusedError())
+        up = node.whenUp()
+        self.assertEqual((node.lifecycle(), node.state()), ("connecting", "DOWN (serving this server's clients only)"))
+        node._attemptFailed(refused)
+        node._attemptFailed(refused)
+        self.assertEqual((node.lifecycle(), len(self.logged("cannot reach Redis"))), ("unreachable", 1))
+
+        commands = FakeRedisConnection(node)
+        node._commandsReady(commands)
+        self.send(b"early\n")
+        self.assertEqual((node.lifecycle(), commands.published(), node.stats.dropped), ("unreachable", [], 1),
+                         "the subscriber is not ready yet: dropped, not sent")
+        subscriber = FakeRedisConnection(node)
+        node._subscriberReady(subscriber)
+        self.assertEqual((node.lifecycle(), node.state(), self.successResultOf(up)), ("up", "up", None))
+        self.assertEqual(len(self.logged("connected to Redis")), 1)
+        self.assertEqual(subscriber.commands[0], ("SUBSCRIBE", "room"))
+        [hello] = commands.published()
+        self.assertEqual([f.kind for f in hello.frames], [bpwire.HELLO])
+        self.assertIn(("SET", "room:node:me", b"1", 15000), commands.commands)
+
+        self.send(b"x" * 400 + b"\n")
+        self.send(b"y" * 400 + b"\n")
+        self.assertEqual((node.lifecycle(), node.state(), node.stats.dropped), ("congested", "up", 3))
+        self.assertEqual(len(self.logged("is not keeping up")), 1)
+        commands.answer()
+        self.send(b"answered\n")
+        self.assertEqual((node.lifecycle(), len(self.logged("keeps up again"))), ("up", 1))
+        self.assertEqual(commands.published()[-1].frames[0].payload, b"answered\n")
+
+        node._lost(subscriber, Failure(ConnectionDone()))
+        self.send(b"lost\n")
+        node._attemptFailed(refused)
+        node._lost(commands, Failure(ConnectionDone()))
+        self.assertEqual((node.lifecycle(), node.up, node.unanswered), ("outage", False, 0))
+        self.assertEqual((len(self.logged("lost Redis")), len(self.logged("cannot reach Redis"))), (1, 1))
+        self.clock.advance(3)
+        commands, _ = self.connect()
+        [back] = self.logged("is back after")
+        self.assertEqual((node.lifecycle(), back["seconds"], back["dropped"]), ("up", 3.0, 1))
+        self.assertEqual([f.kind for f in commands.published()[0].frames], [bpwire.HELLO])
+
+        stopped = node.stop()
+        self.assertEqual([f.kind for f in commands.published()[-1].frames], [bpwire.BYE])
+        self.assertIn(("DEL", "room:node:me"), commands.commands)
+        self.assertIn(("SREM", "room:nodes", "me"), commands.commands)
+        self.successResultOf(stopped)
+        self.assertEqual((node.lifecycle(), node.state(), node.up), ("stopped", "stopped", False))
+        node._attemptFailed(refused)
+        self.send(b"after\n")
+        self.assertEqual((len(self.logged("cannot reach Redis")), commands.published()[-1].frames[0].kind),
+                         (1, bpwire.BYE), "a stopped node logs and sends nothing")
+
+    def test_stopWhileWaitingForRedis(self) -> None:
+        """Stopping a node that never reached Redis cancels whoever waits for it and sends nothing."""
+        waiting = self.node.whenUp()
+        self.successResultOf(self.node.stop())
+        self.failureResultOf(waiting, defer.CancelledError)
+        self.assertEqual(self.node.lifecycle(), "stopped")
 
 
 # -- real Redis
