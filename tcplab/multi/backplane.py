@@ -90,6 +90,7 @@ class Backplane:
     store when :meth:`_wantPresence` asks, and calls :meth:`received` with each
     message from the channel, own ones included (they are recognised by node id and
     ignored).
+
     Messages from a node are delivered once, in its order: one whose sequence
     number is not above the last delivered from that node is a duplicate.
     """

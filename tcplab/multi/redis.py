@@ -110,6 +110,7 @@ def _redisClasses() -> tuple[Any, type, type]:
             return super().connectionMade()
 
         def _tcplabReady(self, _: object) -> None:
+            """(Not ``_ready``: txredisapi's protocols have a ``_ready`` attribute of their own.)"""
             backplane = _served(self)
             if backplane is not None:
                 backplane._commandsReady(self)
