@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import given, settings
@@ -28,6 +29,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tcplab.multi import backplane as bp
+from tcplab.multi import envelope as bpwire
+from tcplab.multi import redis as bpredis
 from tcplab.multi import tap as multitap
 from tcplab.multi.hub import HubClient, HubConfig, MultiHub
 from tests.support import ServerProcess
@@ -42,7 +45,8 @@ TIMEOUT = 15.0
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 frames = st.builds(
-    bp.Frame, st.sampled_from([bp.LINES, bp.JOIN, bp.PART, bp.NICK, bp.HELLO, bp.BYE]), names, names,
+    bpwire.Frame,
+    st.sampled_from([bpwire.LINES, bpwire.JOIN, bpwire.PART, bpwire.NICK, bpwire.HELLO, bpwire.BYE]), names, names,
     st.binary(max_size=300),
 )
 
@@ -51,39 +55,41 @@ class EnvelopeTests(unittest.TestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True), st.integers(1, (1 << 64) - 1),
            st.lists(frames, max_size=6))
-    def test_roundTrip(self, node: str, seq: int, frameList: list[bp.Frame]) -> None:
-        data = bp.encodeEnvelope(node, seq, [bp.encodeFrame(f.kind, f.name, f.other, f.payload) for f in frameList])
-        self.assertEqual(bp.decodeEnvelope(data), bp.Envelope(node, seq, tuple(frameList)))
+    def test_roundTrip(self, node: str, seq: int, frameList: list[bpwire.Frame]) -> None:
+        data = bpwire.encodeEnvelope(node, seq,
+                                     [bpwire.encodeFrame(f.kind, f.name, f.other, f.payload) for f in frameList])
+        self.assertEqual(bpwire.decodeEnvelope(data), bpwire.Envelope(node, seq, tuple(frameList)))
 
     @settings(max_examples=50, deadline=None)
     @given(st.lists(frames, min_size=1, max_size=4))
-    def test_everyTruncationIsRefusedOrAPrefix(self, frameList: list[bp.Frame]) -> None:
+    def test_everyTruncationIsRefusedOrAPrefix(self, frameList: list[bpwire.Frame]) -> None:
         """A cut message never decodes into frames that were not sent."""
-        data = bp.encodeEnvelope("n1", 7, [bp.encodeFrame(f.kind, f.name, f.other, f.payload) for f in frameList])
+        data = bpwire.encodeEnvelope("n1", 7,
+                                     [bpwire.encodeFrame(f.kind, f.name, f.other, f.payload) for f in frameList])
         for cut in range(len(data)):
             try:
-                envelope = bp.decodeEnvelope(data[:cut])
-            except bp.BadEnvelope:
+                envelope = bpwire.decodeEnvelope(data[:cut])
+            except bpwire.BadEnvelope:
                 continue
             self.assertEqual(envelope.frames, tuple(frameList[:len(envelope.frames)]))
 
     def test_garbageIsRefused(self) -> None:
-        good = bp.encodeEnvelope("n1", 1, [bp.encodeFrame(bp.LINES, "a", "", b"x\n")])
+        good = bpwire.encodeEnvelope("n1", 1, [bpwire.encodeFrame(bpwire.LINES, "a", "", b"x\n")])
         for data in (b"", b"hello", b"TLB\x02" + good[4:], good.replace(b"n1", b"n "), good[:-3] + b"Z",
-                     bp.encodeEnvelope("n1", 0, []), good.replace(b"L\x01a", b"Q\x01a")):
-            self.assertRaises(bp.BadEnvelope, bp.decodeEnvelope, data)
+                     bpwire.encodeEnvelope("n1", 0, []), good.replace(b"L\x01a", b"Q\x01a")):
+            self.assertRaises(bpwire.BadEnvelope, bpwire.decodeEnvelope, data)
 
     def test_namesAreLimited(self) -> None:
-        self.assertRaises(ValueError, bp.encodeFrame, bp.JOIN, "x" * 256)
+        self.assertRaises(ValueError, bpwire.encodeFrame, bpwire.JOIN, "x" * 256)
 
     def test_snapshot(self) -> None:
-        self.assertEqual(bp.decodeSnapshot(bp.encodeSnapshot(12, ["alice", "127.0.0.1:5000"])),
+        self.assertEqual(bpwire.decodeSnapshot(bpwire.encodeSnapshot(12, ["alice", "127.0.0.1:5000"])),
                          (12, ["alice", "127.0.0.1:5000"]))
-        self.assertEqual(bp.decodeSnapshot(bp.encodeSnapshot(3, [])), (3, []))
-        self.assertRaises(bp.BadEnvelope, bp.decodeSnapshot, b"x\nalice")
+        self.assertEqual(bpwire.decodeSnapshot(bpwire.encodeSnapshot(3, [])), (3, []))
+        self.assertRaises(bpwire.BadEnvelope, bpwire.decodeSnapshot, b"x\nalice")
 
     def test_nodeIds(self) -> None:
-        ids = {bp.makeNodeId() for _ in range(20)}
+        ids = {bpwire.makeNodeId() for _ in range(20)}
         self.assertEqual(len(ids), 20)
         for node in ids:
             self.assertRegex(node, r"\A[A-Za-z0-9._-]{1,64}\Z")
@@ -91,17 +97,17 @@ class EnvelopeTests(unittest.TestCase):
 
 class RedisURLTests(unittest.TestCase):
     def test_good(self) -> None:
-        self.assertEqual(bp.parseRedisURL("redis://127.0.0.1:6380/2"), bp.RedisAddress("127.0.0.1", 6380, 2))
-        self.assertEqual(bp.parseRedisURL("redis://cache"), bp.RedisAddress("cache", 6379, 0))
-        self.assertEqual(bp.parseRedisURL("redis://[::1]:7000/"), bp.RedisAddress("::1", 7000, 0))
-        self.assertEqual(bp.parseRedisURL("redis://u:p%40ss@h/1"), bp.RedisAddress("h", 6379, 1, "u", "p@ss"))
-        self.assertEqual(str(bp.parseRedisURL("redis://:secret@[::1]:7000/3")), "redis://[::1]:7000/3",
+        self.assertEqual(bpredis.parseRedisURL("redis://127.0.0.1:6380/2"), bpredis.RedisAddress("127.0.0.1", 6380, 2))
+        self.assertEqual(bpredis.parseRedisURL("redis://cache"), bpredis.RedisAddress("cache", 6379, 0))
+        self.assertEqual(bpredis.parseRedisURL("redis://[::1]:7000/"), bpredis.RedisAddress("::1", 7000, 0))
+        self.assertEqual(bpredis.parseRedisURL("redis://u:p%40ss@h/1"), bpredis.RedisAddress("h", 6379, 1, "u", "p@ss"))
+        self.assertEqual(str(bpredis.parseRedisURL("redis://:secret@[::1]:7000/3")), "redis://[::1]:7000/3",
                          "no password in logs")
 
     def test_bad(self) -> None:
         for url in ("http://h:1/0", "rediss://h/0", "redis://:6379/0", "redis://h:port/0", "redis://h/db",
                     "redis://h:99999/0", "redis://h/0?x=1", "unix:///tmp/redis.sock"):
-            error = self.assertRaises(ValueError, bp.parseRedisURL, url)
+            error = self.assertRaises(ValueError, bpredis.parseRedisURL, url)
             self.assertNotIn("\n", str(error))
 
 
@@ -121,7 +127,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_backplane(self) -> None:
         options = self.parse("--backplane", "redis://127.0.0.1:6390/1", "--channel", "room-1", "--presence-ttl", "3")
-        self.assertEqual(options["backplane"], bp.RedisAddress("127.0.0.1", 6390, 1))
+        self.assertEqual(options["backplane"], bpredis.RedisAddress("127.0.0.1", 6390, 1))
         service = multitap.HubService(options)
         assert service.backplane is not None
         self.assertEqual((service.backplane.channel, service.backplane.ttl), ("room-1", 3.0))
@@ -377,12 +383,12 @@ class ClusterTests(unittest.TestCase):
         _, tb = cluster.connect(1)
         cluster.takeAll()
         cluster.hubs[0].shutdown()
-        cluster.backplane(0)._queue(bp.encodeFrame(bp.BYE), 0)
+        cluster.backplane(0)._queue(bpwire.encodeFrame(bpwire.BYE), 0)
         cluster.settle()
         self.assertEqual(tb.take(), b"* ghost left (server shutting down)\n")
         self.assertEqual(cluster.hubs[1].who(), b"* 1 connected: 127.0.0.1:40002\n")
         self.assertTrue(cluster.backplane(1).remotes["node0"].gone)
-        cluster.backplane(1).applySnapshot("node0", bp.encodeSnapshot(99, ["ghost"]))
+        cluster.backplane(1).applySnapshot("node0", bpwire.encodeSnapshot(99, ["ghost"]))
         self.assertEqual(cluster.backplane(1).remoteCount(), 0, "a stale snapshot does not bring it back")
 
     def test_malformedMessagesAreCountedAndLoggedOnce(self) -> None:
@@ -402,41 +408,183 @@ class PresenceTests(unittest.TestCase):
         return FakeBackplane(FakeBus(), Clock(), "me")
 
     def message(self, seq: int, *frames: bytes, node: str = "other") -> bytes:
-        return bp.encodeEnvelope(node, seq, frames)
+        return bpwire.encodeEnvelope(node, seq, frames)
 
     def test_snapshotOlderThanEventsIsIgnored(self) -> None:
         node = self.node()
-        node.received(self.message(1, bp.encodeFrame(bp.JOIN, "a")))
-        node.received(self.message(2, bp.encodeFrame(bp.JOIN, "b")))
-        node.applySnapshot("other", bp.encodeSnapshot(1, ["a"]))
+        node.received(self.message(1, bpwire.encodeFrame(bpwire.JOIN, "a")))
+        node.received(self.message(2, bpwire.encodeFrame(bpwire.JOIN, "b")))
+        node.applySnapshot("other", bpwire.encodeSnapshot(1, ["a"]))
         self.assertEqual(list(node.remoteNames()), ["a", "b"])
-        node.applySnapshot("other", bp.encodeSnapshot(5, ["a", "c"]))
+        node.applySnapshot("other", bpwire.encodeSnapshot(5, ["a", "c"]))
         self.assertEqual((list(node.remoteNames()), node.remoteCount()), (["a", "c"], 2))
-        node.received(self.message(4, bp.encodeFrame(bp.PART, "a"), bp.encodeFrame(bp.LINES, "x", "", b"late\n")))
+        node.received(self.message(4, bpwire.encodeFrame(bpwire.PART, "a"),
+                                   bpwire.encodeFrame(bpwire.LINES, "x", "", b"late\n")))
         self.assertEqual(list(node.remoteNames()), ["a", "c"], "already in the snapshot")
-        node.received(self.message(6, bp.encodeFrame(bp.NICK, "c", "Cat")))
+        node.received(self.message(6, bpwire.encodeFrame(bpwire.NICK, "c", "Cat")))
         self.assertEqual((list(node.remoteNames()), node.isTaken("CAT")), (["a", "Cat"], True))
 
     def test_gapsAreCountedAndAskForPresence(self) -> None:
         node = self.node()
-        node.received(self.message(3, bp.encodeFrame(bp.JOIN, "a")))
+        node.received(self.message(3, bpwire.encodeFrame(bpwire.JOIN, "a")))
         self.assertEqual(node.presenceWanted, 1, "joined a node in mid-stream: read its presence")
-        node.received(self.message(7, bp.encodeFrame(bp.HELLO)))
+        node.received(self.message(7, bpwire.encodeFrame(bpwire.HELLO)))
         self.assertEqual((node.stats.missed, node.presenceWanted), (3, 2))
 
     def test_deadNodesAreForgottenAfterTheirExpiry(self) -> None:
         node = self.node()
         clock: Clock = node.clock  # type: ignore[assignment]
-        node.received(self.message(1, bp.encodeFrame(bp.JOIN, "a")))
-        node.applySnapshot("quiet", bp.encodeSnapshot(0, ["q"]))
-        self.assertEqual(node.presenceRead({"other": None, "quiet": bp.encodeSnapshot(0, ["q"]), "me": b"0"}),
+        node.received(self.message(1, bpwire.encodeFrame(bpwire.JOIN, "a")))
+        node.applySnapshot("quiet", bpwire.encodeSnapshot(0, ["q"]))
+        self.assertEqual(node.presenceRead({"other": None, "quiet": bpwire.encodeSnapshot(0, ["q"]), "me": b"0"}),
                          ["other"])
         self.assertEqual(node.remoteCount(), 2, "heard from just now: not yet")
         clock.advance(16)
-        node.presenceRead({"quiet": bp.encodeSnapshot(0, ["q"])})
+        node.presenceRead({"quiet": bpwire.encodeSnapshot(0, ["q"])})
         self.assertEqual(list(node.remoteNames()), ["q"], "still in the store: kept")
         node.presenceRead({})
         self.assertEqual((node.remoteCount(), node.remotes), (0, {}), "its key expired, and it sent nothing")
+
+
+class FakeRedisConnection:
+    """Stands for one txredisapi connection: records the commands; PUBLISH waits for ``answer``."""
+
+    def __init__(self, node: bpredis.RedisBackplane) -> None:
+        self.factory = SimpleNamespace(backplane=node)
+        self.connected = True
+        self.commands: list[tuple[Any, ...]] = []
+        self.unanswered: list[defer.Deferred[object]] = []
+
+    def _command(self, *args: Any, result: object = None) -> defer.Deferred[object]:
+        self.commands.append(args)
+        return defer.succeed(result)
+
+    def publish(self, channel: str, message: bytes) -> defer.Deferred[object]:
+        self.commands.append(("PUBLISH", channel, message))
+        d: defer.Deferred[object] = defer.Deferred()
+        self.unanswered.append(d)
+        return d
+
+    def answer(self) -> None:
+        waiting, self.unanswered = self.unanswered, []
+        for d in waiting:
+            d.callback(1)
+
+    def published(self) -> list[bpwire.Envelope]:
+        return [bpwire.decodeEnvelope(c[2]) for c in self.commands if c[0] == "PUBLISH"]
+
+    def subscribe(self, channel: str) -> defer.Deferred[object]:
+        return self._command("SUBSCRIBE", channel)
+
+    def ping(self) -> defer.Deferred[object]:
+        return self._command("PING")
+
+    def set(self, key: str, value: bytes, pexpire: int) -> defer.Deferred[object]:
+        return self._command("SET", key, value, pexpire)
+
+    def sadd(self, key: str, member: str) -> defer.Deferred[object]:
+        return self._command("SADD", key, member)
+
+    def srem(self, key: str, members: object) -> defer.Deferred[object]:
+        return self._command("SREM", key, members)
+
+    def delete(self, key: str) -> defer.Deferred[object]:
+        return self._command("DEL", key)
+
+    def execute_command(self, *args: object) -> defer.Deferred[object]:
+        return self._command(*args)
+
+    def smembers(self, key: str) -> defer.Deferred[object]:
+        return self._command("SMEMBERS", key, result=[])
+
+    def mget(self, keys: list[str]) -> defer.Deferred[object]:
+        return self._command("MGET", keys, result=[])
+
+
+class LifecycleTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = bpredis.RedisBackplane(bpredis.RedisAddress("127.0.0.1", 6399), "room", self.clock, nodeId="me",
+                                           maxUnanswered=300)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def logged(self, text: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if text in e.get("log_format", "")]
+
+    def send(self, line: bytes) -> None:
+        self.node.publish(line, "alice")
+        self.clock.advance(0)
+
+    def connect(self) -> tuple[FakeRedisConnection, FakeRedisConnection]:
+        commands, subscriber = FakeRedisConnection(self.node), FakeRedisConnection(self.node)
+        self.node._commandsReady(commands)
+        self.node._subscriberReady(subscriber)
+        return commands, subscriber
+
+    def test_everyStateAndItsLogLines(self) -> None:
+        """Down at start, up, congested, an outage and back, stopped: each change is logged once, and lines
+        leave only while both connections are ready and Redis keeps up."""
+        node, refused = self.node, Failure(ConnectionRefusedError())
+        up = node.whenUp()
+        self.assertEqual((node.lifecycle(), node.state()), ("connecting", "DOWN (serving this server's clients only)"))
+        node._attemptFailed(refused)
+        node._attemptFailed(refused)
+        self.assertEqual((node.lifecycle(), len(self.logged("cannot reach Redis"))), ("unreachable", 1))
+
+        commands = FakeRedisConnection(node)
+        node._commandsReady(commands)
+        self.send(b"early\n")
+        self.assertEqual((node.lifecycle(), commands.published(), node.stats.dropped), ("unreachable", [], 1),
+                         "the subscriber is not ready yet: dropped, not sent")
+        subscriber = FakeRedisConnection(node)
+        node._subscriberReady(subscriber)
+        self.assertEqual((node.lifecycle(), node.state(), self.successResultOf(up)), ("up", "up", None))
+        self.assertEqual(len(self.logged("connected to Redis")), 1)
+        self.assertEqual(subscriber.commands[0], ("SUBSCRIBE", "room"))
+        [hello] = commands.published()
+        self.assertEqual([f.kind for f in hello.frames], [bpwire.HELLO])
+        self.assertIn(("SET", "room:node:me", b"1", 15000), commands.commands)
+
+        self.send(b"x" * 400 + b"\n")
+        self.send(b"y" * 400 + b"\n")
+        self.assertEqual((node.lifecycle(), node.state(), node.stats.dropped), ("congested", "up", 3))
+        self.assertEqual(len(self.logged("is not keeping up")), 1)
+        commands.answer()
+        self.send(b"answered\n")
+        self.assertEqual((node.lifecycle(), len(self.logged("keeps up again"))), ("up", 1))
+        self.assertEqual(commands.published()[-1].frames[0].payload, b"answered\n")
+
+        node._lost(subscriber, Failure(ConnectionDone()))
+        self.send(b"lost\n")
+        node._attemptFailed(refused)
+        node._lost(commands, Failure(ConnectionDone()))
+        self.assertEqual((node.lifecycle(), node.up, node.unanswered), ("outage", False, 0))
+        self.assertEqual((len(self.logged("lost Redis")), len(self.logged("cannot reach Redis"))), (1, 1))
+        self.clock.advance(3)
+        commands, _ = self.connect()
+        [back] = self.logged("is back after")
+        self.assertEqual((node.lifecycle(), back["seconds"], back["dropped"]), ("up", 3.0, 1))
+        self.assertEqual([f.kind for f in commands.published()[0].frames], [bpwire.HELLO])
+
+        stopped = node.stop()
+        self.assertEqual([f.kind for f in commands.published()[-1].frames], [bpwire.BYE])
+        self.assertIn(("DEL", "room:node:me"), commands.commands)
+        self.assertIn(("SREM", "room:nodes", "me"), commands.commands)
+        self.successResultOf(stopped)
+        self.assertEqual((node.lifecycle(), node.state(), node.up), ("stopped", "stopped", False))
+        node._attemptFailed(refused)
+        self.send(b"after\n")
+        self.assertEqual((len(self.logged("cannot reach Redis")), commands.published()[-1].frames[0].kind),
+                         (1, bpwire.BYE), "a stopped node logs and sends nothing")
+
+    def test_stopWhileWaitingForRedis(self) -> None:
+        """Stopping a node that never reached Redis cancels whoever waits for it and sends nothing."""
+        waiting = self.node.whenUp()
+        self.successResultOf(self.node.stop())
+        self.failureResultOf(waiting, defer.CancelledError)
+        self.assertEqual(self.node.lifecycle(), "stopped")
 
 
 # -- real Redis

@@ -18,8 +18,8 @@ from tcplab.coerce import floatOption, intOption
 from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import CannotListen, ListeningService, ServerOptions, raiseOpenFilesLimit
 from tcplab.metrics import Family, byLabel, one
-from tcplab.multi.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 from tcplab.multi.hub import HubConfig, MultiHub
+from tcplab.multi.redis import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 from tcplab.usagelog import UsageLog
 
 log = Logger(namespace="tcplab.multi.hub")
