@@ -339,8 +339,7 @@ class BadInputTests(ServerTestCase):
         protocol, transport = self.connect()
         for _ in range(1000):
             protocol.dataReceived(b"A" * 1000)
-            self.assertLessEqual(len(protocol._line), MAX_HEADER)
-            self.assertEqual(protocol._held, b"")
+            self.assertLessEqual(protocol.buffered, MAX_HEADER)
         self.assertRefused(transport, "header-too-long")
         self.assertEqual(len(self.replies(transport)), 1)
 
@@ -559,8 +558,7 @@ class BadInputTests(ServerTestCase):
         protocol, transport = self.send(b"BREW coffee\n")
         for _ in range(100):
             protocol.dataReceived(b"PUT 1 x\nx" * 1000)
-        self.assertEqual(protocol._held, b"")
-        self.assertEqual(len(protocol._line), 0)
+        self.assertEqual(protocol.buffered, 0)
         self.assertEqual(len(self.replies(transport)), 1)
         self.assertNothingStored()
 
