@@ -99,10 +99,10 @@ def peerKey(address: object) -> str | None:
 
 class State(Enum):
     HEADER = "header"  # reading a request line (under --header-timeout)
-    PREPARING = "preparing"  # opening the target file, or hashing a kept prefix; reads paused
+    PREPARING = "preparing"  # opening the target file, or hashing a kept prefix (see _await)
     BODY = "body"  # hashing and writing the body (under --idle-timeout)
     TRAILER = "trailer"  # reading the SHA256 line after the body (still under --idle-timeout)
-    COMMITTING = "committing"  # fsync, link into place, fsync the folder; reads paused
+    COMMITTING = "committing"  # fsync, link into place, fsync the folder (see _await)
     CLOSING = "closing"  # an ERR was sent; input is read and dropped until the peer goes
     LOST = "lost"  # the connection is gone; a store answer still due only tidies up
 
