@@ -13,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,6 +22,7 @@ from tcplab.file.store import FileStore, synchronous
 from tcplab.file.wire import (
     EMPTY_SHA256,
     MAX_HEADER,
+    MAX_TRAILER,
     Clash,
     Err,
     Have,
@@ -339,8 +341,7 @@ class BadInputTests(ServerTestCase):
         protocol, transport = self.connect()
         for _ in range(1000):
             protocol.dataReceived(b"A" * 1000)
-            self.assertLessEqual(len(protocol._line), MAX_HEADER)
-            self.assertEqual(protocol._held, b"")
+            self.assertLessEqual(protocol.buffered, MAX_HEADER)
         self.assertRefused(transport, "header-too-long")
         self.assertEqual(len(self.replies(transport)), 1)
 
@@ -559,8 +560,7 @@ class BadInputTests(ServerTestCase):
         protocol, transport = self.send(b"BREW coffee\n")
         for _ in range(100):
             protocol.dataReceived(b"PUT 1 x\nx" * 1000)
-        self.assertEqual(protocol._held, b"")
-        self.assertEqual(len(protocol._line), 0)
+        self.assertEqual(protocol.buffered, 0)
         self.assertEqual(len(self.replies(transport)), 1)
         self.assertNothingStored()
 
@@ -587,3 +587,136 @@ class BadInputTests(ServerTestCase):
         protocol, _ = self.send(put("a", b"1"))
         protocol.connectionLost(Failure(Exception("gone")))
         self.assertEqual(self.factory.connections, 0)
+
+
+class Later:
+    """A ``runBlocking`` whose calls wait until the test runs them (the store's thread, held)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((d, f, args))
+        return d
+
+    def runNext(self) -> None:
+        d, f, args = self.calls.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+
+def countPauses(transport: StringTransport) -> list[str]:
+    """Record each pauseProducing/resumeProducing the receiver asks of ``transport``."""
+    calls: list[str] = []
+
+    def recorded(name: str) -> Any:
+        method = getattr(transport, name)
+
+        def call() -> None:
+            calls.append(name)
+            method()
+        return call
+
+    for name in ("pauseProducing", "resumeProducing"):
+        setattr(transport, name, recorded(name))
+    return calls
+
+
+class MachineTests(ServerTestCase):
+    """The receiver as a LineReceiver with named states: framing, pausing and LOST."""
+
+    def test_limitsAreLineReceiverLimits(self) -> None:
+        """The request and trailer limits (newline included) are LineReceiver's MAX_LENGTH plus its delimiter."""
+        protocol, _ = self.connect()
+        self.assertIsInstance(protocol, LineReceiver)
+        self.assertEqual(protocol.MAX_LENGTH + len(protocol.delimiter), MAX_HEADER)
+        protocol.dataReceived(formatPut(3, "a", trailer=True) + b"abc")
+        self.assertEqual(protocol.state, State.TRAILER)
+        self.assertEqual(protocol.MAX_LENGTH + len(protocol.delimiter), MAX_TRAILER)
+
+    def test_bodyWrittenWithoutCopies(self) -> None:
+        """Each body byte reaches the disk straight from the read it came in (no copy, no joining of reads)."""
+        seen: list[object] = []
+        write = self.store.write
+
+        def recording(fd: int, view: memoryview) -> int:
+            seen.append(view.obj)
+            return write(fd, view)
+
+        self.store.write = recording
+        protocol, transport = self.connect()
+        reads = [os.urandom(1000), os.urandom(3000), os.urandom(500) + put("next", b"n")]
+        data = b"".join(reads)[:4500]
+        protocol.dataReceived(formatPut(4500, "big", sha256=sha(data)))
+        for read in reads:
+            protocol.dataReceived(read)
+        self.assertEqual([r.name for r in self.replies(transport)], ["received_big", "received_next"])
+        self.assertEqual(self.visible()["received_big"], data)
+        self.assertEqual([id(obj) for obj in seen[:3]], [id(read) for read in reads])
+
+    def test_quickStoreAnswersDoNotPauseReads(self) -> None:
+        """Reading from the peer pauses only while the store works off the reactor thread (the commit),
+        not for a new file, which opens at once."""
+        self.store.fsync = lambda fd: None
+        protocol, transport = self.connect()
+        calls = countPauses(transport)
+        protocol.dataReceived(put("a", b"1") + put("b", b"2") + formatStat(1, "c"))
+        self.assertEqual(len(self.replies(transport)), 3)
+        self.assertEqual(calls, [], "the store answered each at once")
+
+        later = Later()
+        self.store.runBlocking = later
+        protocol.dataReceived(put("d", b"4") + put("e", b"5"))
+        self.assertEqual((protocol.state, calls), (State.COMMITTING, ["pauseProducing"]))
+        later.runNext()
+        self.assertEqual((protocol.state, calls), (State.COMMITTING, ["pauseProducing", "resumeProducing",
+                                                                      "pauseProducing"]))
+        later.runNext()
+        self.assertEqual(protocol.state, State.HEADER)
+        self.assertEqual(calls[-1], "resumeProducing")
+        self.assertEqual([r.name for r in self.replies(transport)[3:]], ["received_d", "received_e"])
+
+    def test_lostWhilePreparing(self) -> None:
+        """The peer leaves while its resumed file is being opened: the receiver is LOST, writes nothing,
+        and the late answer only puts the partial file back for the next --resume."""
+        data = os.urandom(5000)
+        protocol, _ = self.send(formatPut(len(data), "big", trailer=True) + data[:3000])
+        protocol.connectionLost(Failure(Exception("gone")))
+        later = Later()
+        self.store.runBlocking = later
+        protocol, transport = self.send(put("big", data, trailer=True, offset=3000)[:100])
+        self.assertEqual(protocol.state, State.PREPARING)
+        protocol.connectionLost(Failure(Exception("gone again")))
+        self.assertEqual(protocol.state, State.LOST)
+        later.runNext()
+        self.assertEqual((protocol.state, transport.value(), self.clock.getDelayedCalls()), (State.LOST, b"", []))
+        self.assertEqual(self.factory.connections, 0)
+        self.store.runBlocking = synchronous
+        protocol, transport = self.send(formatStat(len(data), "big"))
+        self.assertEqual(self.replies(transport), [Have(3000, sha(data[:3000]))])
+
+    def test_lostWhileCommitting(self) -> None:
+        """The peer leaves while its file is being committed: the file is still stored and counted, nothing is
+        written to the gone connection; a commit that fails then is only logged."""
+        later = Later()
+        self.store.runBlocking = later
+        protocol, transport = self.send(put("a", b"1"))
+        protocol.connectionLost(Failure(Exception("gone")))
+        later.runNext()
+        self.assertEqual((protocol.state, transport.value()), (State.LOST, b""))
+        self.assertEqual((self.visible(), self.factory.stored), ({"received_a": b"1"}, 1))
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.store.fsync = failing
+        protocol, transport = self.send(put("b", b"2"))
+        protocol.connectionLost(Failure(Exception("gone")))
+        later.runNext()
+        self.assertEqual((protocol.state, transport.value()), (State.LOST, b""))
+        self.assertEqual((self.visible(), self.hidden(), self.factory.refused), ({"received_a": b"1"}, [], 0))

@@ -140,8 +140,7 @@ class FileProtocolFuzzTests(SynchronousTestCase):
             if tick:
                 clock.advance(6)
             limit = MAX_TRAILER if protocol.state is State.TRAILER else MAX_HEADER
-            self.assertLess(len(protocol._line), limit)
-            self.assertLessEqual(len(protocol._held), len(piece))
+            self.assertLess(protocol.buffered, limit)
             if errAt is None and protocol.state is State.CLOSING:
                 errAt = len(transport.value())
         if ending != "abort":

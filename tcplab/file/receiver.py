@@ -1,24 +1,31 @@
 """The tcplab-file server protocol: a state machine from request line to reply.
 
-Each connection moves through named states (see ``State``)::
+Framing is Twisted's ``LineReceiver``: request and trailer lines in line mode (their length
+limits are ``MAX_LENGTH``), the body in raw mode, written to the store as it is read. Each
+connection moves through the named states of ``State``, every change through
+``FileReceiver._enter`` (diagram: docs/ARCHITECTURE.md, "The file receiver")::
 
     HEADER --PUT--> PREPARING --> BODY --> [TRAILER] --> COMMITTING --OK--> HEADER
     HEADER --STAT-> PREPARING --HAVE--> HEADER
-    any state --error--> CLOSING (ERR sent; input discarded until the peer leaves)
+    any state --error--> CLOSING (ERR sent; input read and dropped until the peer leaves)
+    any state --connection gone--> LOST (a store answer still due only tidies up)
 
-While PREPARING or COMMITTING, work runs off the reactor thread (opening a
-resumed file, fsync and rename) and reading from the peer is paused; bytes that
-already arrived wait in a buffer of at most one read.
+PREPARING and COMMITTING wait for the store, which works off the reactor thread (opening a
+resumed file, fsync and rename): if its answer does not come at once, reading from the peer
+is paused (``pauseProducing``) and bytes that already arrived wait in LineReceiver's buffer.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableDescriptor,
@@ -26,8 +33,9 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ISSLTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -52,6 +60,8 @@ from tcplab.file.wire import (
 )
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimitedLog
+
+T = TypeVar("T")
 
 log = Logger(namespace="tcplab.file.receiver")
 
@@ -90,14 +100,29 @@ def peerKey(address: object) -> str | None:
 
 class State(Enum):
     HEADER = "header"  # reading a request line (under --header-timeout)
-    PREPARING = "preparing"  # opening the target file, or hashing a kept prefix; reads paused
+    PREPARING = "preparing"  # opening the target file, or hashing a kept prefix (see _await)
     BODY = "body"  # hashing and writing the body (under --idle-timeout)
-    TRAILER = "trailer"  # reading the SHA256 line after the body
-    COMMITTING = "committing"  # fsync, link into place, fsync the folder; reads paused
-    CLOSING = "closing"  # an ERR was sent; input is discarded until the peer goes
+    TRAILER = "trailer"  # reading the SHA256 line after the body (still under --idle-timeout)
+    COMMITTING = "committing"  # fsync, link into place, fsync the folder (see _await)
+    CLOSING = "closing"  # an ERR was sent; input is read and dropped until the peer goes
+    LOST = "lost"  # the connection is gone; a store answer still due only tidies up
 
 
-_PAUSED = frozenset({State.PREPARING, State.COMMITTING})
+#: Every move FileReceiver._enter allows (anything else is a bug, caught by the tests and the
+#: fuzzer). HEADER -> HEADER is the start, on connectionMade; PREPARING goes straight on to
+#: TRAILER or COMMITTING for an empty body.
+_NEXT: dict[State, frozenset[State]] = {
+    State.HEADER: frozenset({State.HEADER, State.PREPARING, State.CLOSING, State.LOST}),
+    State.PREPARING: frozenset({State.HEADER, State.BODY, State.TRAILER, State.COMMITTING, State.CLOSING,
+                                State.LOST}),
+    State.BODY: frozenset({State.TRAILER, State.COMMITTING, State.CLOSING, State.LOST}),
+    State.TRAILER: frozenset({State.COMMITTING, State.CLOSING, State.LOST}),
+    State.COMMITTING: frozenset({State.HEADER, State.CLOSING, State.LOST}),
+    State.CLOSING: frozenset({State.LOST}),
+    State.LOST: frozenset(),
+}
+#: Waiting for the store: reads pause, end of input waits until the answer.
+_WAITING = frozenset({State.PREPARING, State.COMMITTING})
 _READING = frozenset({State.HEADER, State.BODY, State.TRAILER})
 
 
@@ -175,30 +200,33 @@ class FileReceiverFactory(Factory):
 
 
 @implementer(IHalfCloseableProtocol)
-class FileReceiver(Protocol):
+class FileReceiver(LineReceiver):
     """Receives files on one connection, one request at a time (see the module doc)."""
 
     factory: FileReceiverFactory
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_HEADER - 1  # LineReceiver's limit leaves out the newline
 
     def __init__(self) -> None:
-        self.state = State.HEADER
+        self.state = State.HEADER  # entered for real (timer and all) on connectionMade
         self.peer = "?"
         self.peerKey: str | None = None
         self.admitted = False
         self.waitingToGo = False
         self.requests = 0
         self.bytesIn = 0
-        self._line = bytearray()
-        self._held = b""
         self._timer: IDelayedCall | None = None
         self._put: Put | None = None
         self._subject: str | None = None
         self._upload: Upload | None = None
         self._prefix: HeldPrefix | None = None
         self._eof = False
-        self._lost = False
-        self._consuming = False
-        self._readPaused = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read and not used yet: a partial line, or what came in while reads were paused
+        (the tests hold it to that bound)."""
+        return len(self._buffer)
 
     # -- connection events ----------------------------------------------------
 
@@ -215,7 +243,7 @@ class FileReceiver(Protocol):
             factory.counters.turnedAwayFor(refusal)
             factory.warn("{peer}: turned away: {message}", peer=self.peer, message=refusal)
             if factory.turningAway >= factory.maxTurningAway:
-                self.state = State.CLOSING
+                self._enter(State.CLOSING)
                 self.transport.write(formatErr(ErrorCode.TOO_MANY_CONNECTIONS, refusal))
                 self.transport.loseConnection()
                 return
@@ -227,30 +255,28 @@ class FileReceiver(Protocol):
         if hasattr(type(self.transport), "bufferSize"):
             self.transport.bufferSize = self.factory.readSize  # type: ignore[attr-defined]
         log.debug("connection from {peer}", peer=self.peer)
-        self._enterHeader()
+        self._enter(State.HEADER)
 
     def dataReceived(self, data: bytes) -> None:
+        """LineReceiver's framing, except after an ERR (CLOSING): then input is read and dropped,
+        so that the peer reads the ERR rather than a reset."""
         self.bytesIn += len(data)
         self.factory.counters.received += len(data)
-        if self.state in _PAUSED:
-            self._held += data
-        elif self.state is not State.CLOSING:
-            self._consume(data)
-            self._readOn()
+        if self.state is not State.CLOSING:
+            LineReceiver.dataReceived(self, data)
 
     def readConnectionLost(self) -> None:
         """The peer sent everything it will send (half-close, as ``nc -N`` and ncat do)."""
         self._eof = True
-        if self.state not in _PAUSED:
+        if self.state not in _WAITING:
             self._endOfInput()
 
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.counters.closed(self)
-        self._lost = True
-        self._cancelTimer()
+        self._enter(State.LOST)
         if self._upload is not None:
             upload, self._upload = self._upload, None
             kept = upload.resumable
@@ -266,71 +292,100 @@ class FileReceiver(Protocol):
             self.factory.turningAway -= 1
         self.factory.connections -= 1
 
-    # -- the input loop -------------------------------------------------------
+    # -- the state machine ----------------------------------------------------
 
-    def _consume(self, data: bytes) -> None:
-        """Feed ``data`` to the current state until it is used up or reading pauses.
+    def _enter(self, state: State) -> None:
+        """The one place the state changes: checks the move against ``_NEXT``, stops the old
+        state's timer and sets up the new state (its framing, its timer, reading again).
 
-        Work that finishes at once (a commit run synchronously, say) must not start
-        consuming again from inside this loop: ``_consuming`` makes it leave that
-        to the loop, which carries on with the rest of ``data``.
+        Entering a reading state can run the input that waited, and so further moves: nothing
+        may follow a call of ``_enter`` that assumes the state it entered.
         """
-        pos, end = 0, len(data)
-        self._consuming = True
-        try:
-            while pos < end:
-                state = self.state
-                if state is State.BODY:
-                    pos = self._body(data, pos)
-                elif state is State.HEADER:
-                    pos = self._lineIn(data, pos, MAX_HEADER, self._request, ErrorCode.HEADER_TOO_LONG)
-                elif state is State.TRAILER:
-                    pos = self._lineIn(data, pos, MAX_TRAILER, self._trailer, ErrorCode.BAD_HEADER)
-                elif state in _PAUSED:
-                    self._held = data[pos:] + self._held
-                    return
-                else:
-                    return
-        finally:
-            self._consuming = False
+        assert state in _NEXT[self.state], f"{self.state.name} -> {state.name}"
+        self.state = state
+        self._cancelTimer()
+        if state is State.HEADER:
+            self._put = None
+            self._subject = None
+            self._readLines(MAX_HEADER, self.factory.headerTimeout, self._headerTimedOut)
+        elif state is State.BODY:
+            self.setRawMode()
+            self._setTimer(self.factory.idleTimeout, self._idleTimedOut)
+            self._readOn()
+        elif state is State.TRAILER:
+            self._readLines(MAX_TRAILER, self.factory.idleTimeout, self._idleTimedOut)
+        elif state in (State.CLOSING, State.LOST):
+            self.clearLineBuffer()
 
-    def _lineIn(self, data: bytes, pos: int, limit: int, handler: Any, tooLong: ErrorCode) -> int:
-        room = limit - len(self._line)
-        newline = data.find(b"\n", pos, pos + room)
-        if newline < 0:
-            if len(data) - pos >= room:
-                what = "request" if limit == MAX_HEADER else "trailer"
-                self._fail(tooLong, f"a {what} line is at most {limit} bytes, newline included")
-            else:
-                self._line += data[pos:]
-            return len(data)
-        if self._line:
-            self._line += data[pos:newline]
-            line = bytes(self._line)
-            self._line.clear()
+    def _readLines(self, limit: int, timeout: float, timedOut: Callable[[], None]) -> None:
+        self.setLineMode()
+        self.MAX_LENGTH = limit - 1
+        self._setTimer(timeout, timedOut)
+        self._readOn()
+
+    def _readOn(self) -> None:
+        """Back from waiting on the store: use what came meanwhile, read again, and act on an end
+        of input that came while waiting. (Reads are paused only while an answer is awaited, and
+        answers that come late come from the reactor: this never runs inside dataReceived.)"""
+        if not self.paused:
+            return
+        self.resumeProducing()
+        if self._eof and self.state in _READING:
+            self._endOfInput()
+
+    def _await(self, state: State, answer: Deferred[T], then: Callable[[T], object],
+               gone: Callable[[T], object]) -> None:
+        """Wait in ``state`` (PREPARING, COMMITTING) for the store, then go on with ``then``.
+
+        Reads pause only if the answer does not come at once (opening a new file needs no
+        thread, a commit does): a quick answer has moved the state on before the check.
+        """
+        self._enter(state)
+        answer.addBoth(self._answered, then, gone)
+        if self.state is state and not self.paused:
+            self.pauseProducing()
+
+    def _answered(self, result: object, then: Callable[[Any], object], gone: Callable[[Any], object]) -> None:
+        """Every answer of the store comes here: it moves the request on, or, in LOST (the peer
+        left while the store worked), ``gone`` only tidies up."""
+        if isinstance(result, Failure):
+            then, gone = self._storageFailed, self._storageFailedAfterLoss
+        (gone if self.state is State.LOST else then)(result)
+
+    # -- input ----------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state is State.HEADER:
+            self._request(line)
         else:
-            line = data[pos:newline]
-        handler(line)
-        return newline + 1
+            self._trailer(line)
 
-    def _body(self, data: bytes, pos: int) -> int:
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.state is State.HEADER:
+            self._fail(ErrorCode.HEADER_TOO_LONG, f"a request line is at most {MAX_HEADER} bytes, newline included")
+        else:
+            self._fail(ErrorCode.BAD_HEADER, f"a trailer line is at most {MAX_TRAILER} bytes, newline included")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Body bytes, written (and hashed) as they came; what follows the body is read as lines."""
         upload = self._upload
         assert upload is not None
-        n = min(upload.remaining, len(data) - pos)
+        need = upload.remaining
         try:
-            upload.write(data if pos == 0 and n == len(data) else memoryview(data)[pos:pos + n])
+            upload.write(data if len(data) <= need else memoryview(data)[:need])
         except StorageError as e:
             self._fail(e.code, e.message)
-            return len(data)
+            return
         if self._timer is not None:
             self._timer.reset(self.factory.idleTimeout)
-        if not upload.remaining:
+        if len(data) >= need:
+            if len(data) > need:
+                self.setLineMode(data[need:])
             self._bodyDone()
-        return pos + n
 
     def _endOfInput(self) -> None:
         if self.state is State.HEADER:
-            if self._line:
+            if self.buffered:
                 self._fail(ErrorCode.BAD_HEADER, "the connection ended in the middle of a request line")
             else:
                 self.transport.loseConnection()
@@ -342,40 +397,7 @@ class FileReceiver(Protocol):
         elif self.state is State.CLOSING:
             self.transport.loseConnection()
 
-    def _resumeReading(self) -> None:
-        """Back from PREPARING/COMMITTING: use what arrived meanwhile, then read again."""
-        if self._consuming or self.state not in _READING:
-            return
-        data, self._held = self._held, b""
-        if data:
-            self._consume(data)
-        self._readOn()
-
-    def _readOn(self) -> None:
-        """All input at hand is used: read more, or act on the end of input."""
-        if self.state not in _READING:
-            return
-        if self._eof:
-            self._endOfInput()
-        elif self._readPaused:
-            self._readPaused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def _pauseReading(self, state: State) -> None:
-        self._cancelTimer()
-        self.state = state
-        if not self._readPaused:
-            self._readPaused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-
     # -- requests -------------------------------------------------------------
-
-    def _enterHeader(self) -> None:
-        self.state = State.HEADER
-        self._put = None
-        self._subject = None
-        self._line.clear()
-        self._setTimer(self.factory.headerTimeout, self._headerTimedOut)
 
     def _headerTimedOut(self) -> None:
         self._timer = None
@@ -386,7 +408,6 @@ class FileReceiver(Protocol):
         self._fail(ErrorCode.TIMEOUT, f"no data for {self.factory.idleTimeout:g}s", keep=True)
 
     def _request(self, line: bytes) -> None:
-        self._cancelTimer()
         try:
             request = parseRequest(line)
             self._subject = request.name
@@ -412,16 +433,12 @@ class FileReceiver(Protocol):
             raise WireError(ErrorCode.BAD_TOKEN, "this server needs the right token= (tcplab send --token-file)")
 
     def _stat(self, request: Stat, parts: tuple[str, ...]) -> None:
-        self._pauseReading(State.PREPARING)
-        self.factory.store.held(parts, request.size).addCallbacks(self._have, self._storageFailed)
+        self._await(State.PREPARING, self.factory.store.held(parts, request.size), self._have, _nothing)
 
     def _have(self, held: HeldPrefix | None) -> None:
-        if self._lost:
-            return
         self._prefix = held
         self.transport.write(formatHave(held.length, held.sha256) if held else formatHave(0, EMPTY_SHA256))
-        self._enterHeader()
-        self._resumeReading()
+        self._enter(State.HEADER)
 
     def _startPut(self, put: Put, parts: tuple[str, ...]) -> None:
         maxSize = self.factory.maxSize
@@ -435,25 +452,24 @@ class FileReceiver(Protocol):
         if held is not None and held.key != store.partialName(parts, put.size):
             held = None
         self._put = put
-        self._pauseReading(State.PREPARING)
-        store.begin(parts, put.size, put.offset, put.hashed, held).addCallbacks(self._prepared, self._storageFailed)
+        self._await(State.PREPARING, store.begin(parts, put.size, put.offset, put.hashed, held),
+                    self._prepared, self._preparedAfterLoss)
 
     def _prepared(self, upload: Upload) -> None:
-        if self._lost:
-            upload.abort(keep=True)
-            return
         self._upload = upload
-        self.state = State.BODY
-        self._setTimer(self.factory.idleTimeout, self._idleTimedOut)
-        if not upload.remaining:
+        if upload.remaining:
+            self._enter(State.BODY)
+        else:
             self._bodyDone()
-        self._resumeReading()
+
+    def _preparedAfterLoss(self, upload: Upload) -> None:
+        upload.abort(keep=True)
 
     def _bodyDone(self) -> None:
         put = self._put
         assert put is not None
         if put.trailer:
-            self.state = State.TRAILER
+            self._enter(State.TRAILER)
         else:
             self._verify(put.sha256)
 
@@ -474,30 +490,33 @@ class FileReceiver(Protocol):
                                                     f"{actual}, not {expected}: nothing was stored")
             return
         self._upload = None
-        self._pauseReading(State.COMMITTING)
-        upload.commit(put.clash).addCallbacks(self._committed, self._storageFailed, callbackArgs=(put, actual))
+        self._await(State.COMMITTING, upload.commit(put.clash), partial(self._committed, put, actual),
+                    partial(self._logStored, put, actual))
 
-    def _committed(self, stored: str, put: Put, sha256: str) -> None:
+    def _committed(self, put: Put, sha256: str, stored: str) -> None:
+        self._logStored(put, sha256, stored)
+        self.transport.write(formatOk(put.size, sha256, stored))
+        self._enter(State.HEADER)
+
+    def _logStored(self, put: Put, sha256: str, stored: str) -> None:
+        """A file is in place: counted and logged even if its sender has gone meanwhile."""
         self.factory.stored += 1
         self.factory.counters.storedUpload(self, escapeName(stored), put.size, sha256)
         log.info("{peer} stored {name} ({size} bytes, sha256 {sha256})", peer=self.peer, name=escapeName(stored),
                  size=put.size, sha256=sha256)
-        if self._lost:
-            return
-        self.transport.write(formatOk(put.size, sha256, stored))
-        self._enterHeader()
-        self._resumeReading()
+
+    def _storageError(self, failure: Failure) -> tuple[ErrorCode, str]:
+        if failure.check(StorageError):
+            return failure.value.code, failure.value.message  # type: ignore[union-attr]
+        log.failure("unexpected error storing {name} from {peer}", failure, name=self._name(), peer=self.peer)
+        return ErrorCode.IO_ERROR, "internal error in the server"
 
     def _storageFailed(self, failure: Failure) -> None:
-        if failure.check(StorageError):
-            code, message = failure.value.code, failure.value.message  # type: ignore[union-attr]
-        else:
-            log.failure("unexpected error storing {name} from {peer}", failure, name=self._name(), peer=self.peer)
-            code, message = ErrorCode.IO_ERROR, "internal error in the server"
-        if self._lost:
-            log.warn("{peer} (gone): {name} not stored: {message}", peer=self.peer, name=self._name(), message=message)
-            return
-        self._fail(code, message)
+        self._fail(*self._storageError(failure))
+
+    def _storageFailedAfterLoss(self, failure: Failure) -> None:
+        _, message = self._storageError(failure)
+        log.warn("{peer} (gone): {name} not stored: {message}", peer=self.peer, name=self._name(), message=message)
 
     # -- errors and timers ----------------------------------------------------
 
@@ -507,9 +526,6 @@ class FileReceiver(Protocol):
         The write side is shut first and input is read and dropped for a while, so
         the peer gets to read the ERR instead of a reset from unread data.
         """
-        if self.state is State.CLOSING or self._lost:
-            return
-        self._cancelTimer()
         if self._upload is not None:
             upload, self._upload = self._upload, None
             upload.abort(keep=keep)
@@ -521,11 +537,9 @@ class FileReceiver(Protocol):
 
     def _refuse(self, code: ErrorCode, message: str, linger: float | None = None) -> None:
         """Send the ERR, then close the way _fail describes."""
-        self.state = State.CLOSING
-        self._held = b""
+        self._enter(State.CLOSING)
         self.transport.write(formatErr(code, message))
-        self._timer = self.factory.clock.callLater(self.factory.linger if linger is None else linger,
-                                                   self._lingerOver)
+        self._setTimer(self.factory.linger if linger is None else linger, self._lingerOver)
         if self._eof:
             self.transport.loseConnection()
             return
@@ -535,15 +549,14 @@ class FileReceiver(Protocol):
             self.transport.loseConnection()
         elif IHalfCloseableDescriptor.providedBy(self.transport):
             self.transport.loseWriteConnection()  # type: ignore[attr-defined]
-        if self._readPaused:
-            self._readPaused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self.paused:
+            self.resumeProducing()
 
     def _lingerOver(self) -> None:
         self._timer = None
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _setTimer(self, seconds: float, then: Any) -> None:
+    def _setTimer(self, seconds: float, then: Callable[[], None]) -> None:
         self._cancelTimer()
         self._timer = self.factory.clock.callLater(seconds, then)
 
@@ -554,3 +567,7 @@ class FileReceiver(Protocol):
 
     def _name(self) -> str:
         return escapeName(self._subject) if self._subject is not None else "-"
+
+
+def _nothing(result: object) -> None:
+    """What a STAT's answer needs once its asker has gone."""
