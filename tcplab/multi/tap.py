@@ -18,6 +18,7 @@ from tcplab.coerce import floatOption, intOption
 from tcplab.listening import CannotListen, ListeningService, ServerOptions, raiseOpenFilesLimit
 from tcplab.multi.backplane import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
 from tcplab.multi.hub import HubConfig, MultiHub
+from tcplab.multi.web import webService
 
 log = Logger(namespace="tcplab.multi.hub")
 
@@ -53,6 +54,8 @@ class Options(ServerOptions):
          "of its presence keys (default: tcplab-multi)."],
         ["presence-ttl", None, "15", "Seconds after which the clients of a server that stopped refreshing its "
          "presence in Redis (it died, or lost Redis) vanish from /who elsewhere."],
+        ["web", None, None, "ENDPOINT (e.g. tcp:8001:interface=127.0.0.1) for a page where browsers join the room "
+         "over WebSocket."],
     ]
     optFlags = [
         ["reuse-port", None, "Listen with SO_REUSEPORT, so several tcplab-multi processes share --port (the "
@@ -154,6 +157,8 @@ class MultiService(service.MultiService):
         else:
             self.listening = ListeningService(options.endpointDescriptions(), self.hub, self.reactor)
         self.listening.setServiceParent(self)
+        if options["web"]:
+            webService(options["web"], self.hub, self.reactor).setServiceParent(self)
         self.stats: LoopingCall | None = None
 
     def startService(self) -> None:
