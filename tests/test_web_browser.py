@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOTS = os.path.join(ROOT, "docs", "img")
 
 try:
-    import selenium  # noqa: F401
+    import selenium
 except ImportError:
     selenium = None
 
