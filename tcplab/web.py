@@ -129,10 +129,7 @@ class StreamingWebSocket(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         # twisted.web's HTTPChannel registered itself as the socket's producer; the socket is ours now.
-        try:
-            self.transport.unregisterProducer()
-        except RuntimeError:  # none registered (a test's StringTransport says so loudly)
-            pass
+        self.transport.unregisterProducer()
         self.adapter = WebSocketTransport(self, binary=not self.factory.lineMode)
         inner = self.factory.inner.buildProtocol(self.transport.getPeer())
         if inner is None:

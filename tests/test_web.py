@@ -61,13 +61,28 @@ def messages(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+class SocketTransport(StringTransport):
+    """A StringTransport that, like a real socket, lets a protocol unregister when no producer is registered."""
+
+    def unregisterProducer(self) -> None:
+        if self.producer is not None:
+            super().unregisterProducer()
+
+
+def inMemory(factory: StreamingWebSocketFactory) -> StreamingWebSocketFactory:
+    """No handshake, ping or close timers: autobahn would put them on the global reactor."""
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0,
+                               autoPingTimeout=0)
+    return factory
+
+
 class Browser:
     """A WebSocket connection to ``factory`` over a StringTransport."""
 
     def __init__(self, factory: StreamingWebSocketFactory, origin: str | None = "http://127.0.0.1:8001",
                  port: int = 50000) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
-        self.protocol = factory.buildProtocol(self.transport.getPeer())
+        self.transport = SocketTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        self.protocol = inMemory(factory).buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
         self.protocol.dataReceived(handshake(origin))
 
