@@ -18,6 +18,7 @@ from tcplab.escaping import escapeName
 from tcplab.file.names import MAX_NAME_BYTES, RESERVED_PREFIX, checkPart
 from tcplab.file.receiver import FileReceiverFactory
 from tcplab.file.store import FileStore
+from tcplab.file.web import webService
 from tcplab.file.wire import TOKEN_ENV, ErrorCode, TokenError, WireError, loadToken
 from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import ListeningService, ServerOptions
@@ -97,6 +98,7 @@ class Options(ServerOptions):
         ["partial-ttl", None, "86400", "Seconds an interrupted upload is kept for --resume."],
         ["max-connections", None, "256", "Connections at once; more are told ERR too-many-connections (0: no limit)."],
         ["max-per-peer", None, "16", "Connections at once from one IPv4 address or IPv6 /64 (0: no limit)."],
+        ["web", None, None, "ENDPOINT (e.g. tcp:8009:interface=127.0.0.1) for an upload page into the same store."],
     ]
 
     def postOptions(self) -> None:
@@ -144,6 +146,8 @@ class FileService(service.MultiService):
         self.factory.counters.usage = self.usage
         self.tcp = ListeningService(options.endpointDescriptions(), self.factory, self.reactor)
         self.tcp.setServiceParent(self)
+        if options["web"]:
+            webService(options["web"], self.factory, self.reactor).setServiceParent(self)
         ttl = options["partial-ttl"]
         self.cleaner = TimerService(max(1.0, min(ttl / 4, 3600.0)), self.cleanStale)
         self.cleaner.clock = self.reactor

@@ -20,6 +20,7 @@ from tcplab.listening import CannotListen, ListeningService, ServerOptions, rais
 from tcplab.metrics import Family, byLabel, one
 from tcplab.multi.hub import HubConfig, MultiHub
 from tcplab.multi.redis import CHANNEL, RedisAddress, RedisBackplane, parseRedisURL
+from tcplab.multi.web import webService
 from tcplab.usagelog import UsageLog
 
 log = Logger(namespace="tcplab.multi.hub")
@@ -56,6 +57,8 @@ class Options(ServerOptions):
          "of its presence keys (default: tcplab-multi)."],
         ["presence-ttl", None, "15", "Seconds after which the clients of a server that stopped refreshing its "
          "presence in Redis (it died, or lost Redis) vanish from /who elsewhere."],
+        ["web", None, None, "ENDPOINT (e.g. tcp:8001:interface=127.0.0.1) for a page where browsers join the room "
+         "over WebSocket."],
     ]
     optFlags = [
         ["reuse-port", None, "Listen with SO_REUSEPORT, so several tcplab-multi processes share --port (the "
@@ -158,6 +161,8 @@ class HubService(service.MultiService):
         else:
             self.listening = ListeningService(options.endpointDescriptions(), self.hub, self.reactor)
         self.listening.setServiceParent(self)
+        if options["web"]:
+            webService(options["web"], self.hub, self.reactor).setServiceParent(self)
         self.stats: LoopingCall | None = None
         if options["metrics"]:
             from tcplab.metrics import MetricsService

@@ -1,0 +1,233 @@
+"""The browser side shared by the wings: a WebSocket that is the transport of a wing's own protocol,
+and the twisted.web Site that serves a wing's page, its WebSocket and its live counters.
+
+Browsers cannot open raw TCP, so a browser client is a WebSocket whose frames are fed, as they
+arrive, to the same protocol a TCP client gets (a :class:`~tcplab.multi.hub.HubClient`, a
+:class:`~tcplab.file.receiver.FileReceiver`): limits, queues and checks stay in one place. Nothing
+is buffered whole: frame payloads are streamed as they are read, and the protocol's pause and
+resume reach the TCP socket under the WebSocket, so backpressure is the protocol's own.
+
+Everything the page needs is served from here (no CDN, no build step), with a Content Security
+Policy that allows only this origin; the WebSocket refuses a handshake whose ``Origin`` is not the
+page's own (a page elsewhere cannot use a visitor's browser to reach a server on their network).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib.resources import files
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IProtocolFactory, IPushProducer, ISSLTransport, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+#: Headers on every page and asset: only this origin's scripts, styles and WebSocket; never framed.
+SECURITY_HEADERS = {
+    b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+    b"Cache-Control": b"no-store",
+}
+
+_TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
+          ".css": b"text/css; charset=utf-8"}
+
+
+def sameOrigin(origin: str | None, host: str | None, secure: bool) -> bool:
+    """True if a handshake's ``Origin`` is the page's own (scheme and ``Host`` of this request), or absent
+    (not a browser: tools such as websocat send none, and a browser always sends one)."""
+    if not origin:
+        return True
+    if not host:
+        return False
+    return origin.lower() == f"{'https' if secure else 'http'}://{host.lower()}"
+
+
+@implementer(ITransport, IPushProducer)
+class WebSocketTransport:
+    """What a wing's protocol writes to and pauses: each write is one WebSocket message (text in line
+    mode, where bytes that are not UTF-8 become U+FFFD so the browser accepts it; binary otherwise);
+    pausing and producers go to the TCP (or TLS) transport under the WebSocket."""
+
+    def __init__(self, socket: StreamingWebSocket, binary: bool) -> None:
+        self.socket = socket
+        self.binary = binary
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting or not data:
+            return
+        if not self.binary:
+            data = data.decode("utf-8", "replace").encode("utf-8")
+        self.socket.sendMessage(data, isBinary=self.binary)
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Close the WebSocket cleanly, after what was written (the close frame follows it)."""
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        self.socket.sendClose(1000)
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self.socket.transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.socket.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.socket.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.socket.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.socket.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.socket.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.socket.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.socket.transport.stopProducing()
+
+
+class StreamingWebSocket(WebSocketServerProtocol):
+    """One browser connection: once open, a protocol from the factory's ``inner`` factory is connected to a
+    :class:`WebSocketTransport`, and every frame's payload is handed to it as it arrives (autobahn's own
+    message buffering and size limits are bypassed: the inner protocol has its own limits). In line mode
+    the end of each message is a line end."""
+
+    factory: StreamingWebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner: Protocol | None = None
+        self.adapter: WebSocketTransport | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        secure = ISSLTransport.providedBy(self.transport)
+        if not sameOrigin(request.origin, request.headers.get("host"), secure):
+            self.factory.refusedOrigins += 1
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "this WebSocket only serves its own page's origin")
+        return None
+
+    def onOpen(self) -> None:
+        # twisted.web's HTTPChannel registered itself as the socket's producer; the socket is ours now.
+        self.transport.unregisterProducer()
+        self.adapter = WebSocketTransport(self, binary=not self.factory.lineMode)
+        inner = self.factory.inner.buildProtocol(self.transport.getPeer())
+        if inner is None:
+            self.sendClose(1013)
+            return
+        self.inner = inner
+        inner.makeConnection(self.adapter)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        pass
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        pass
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.inner is not None and payload:
+            self.factory.bytesIn += len(payload)
+            self.inner.dataReceived(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        pass
+
+    def onMessageEnd(self) -> None:
+        if self.inner is not None and self.factory.lineMode:
+            self.inner.dataReceived(b"\n")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        inner, self.inner = self.inner, None
+        if self.adapter is not None:
+            self.adapter.disconnecting = True
+        if inner is not None:
+            inner.connectionLost(Failure(ConnectionDone() if wasClean else ConnectionLost()))
+
+
+class StreamingWebSocketFactory(WebSocketServerFactory):
+    """Browser connections for ``inner`` (the wing's own protocol factory), in line mode (text messages are
+    lines: the hub) or byte mode (every payload byte as is: the file drop)."""
+
+    protocol = StreamingWebSocket
+
+    def __init__(self, inner: IProtocolFactory, lineMode: bool) -> None:
+        super().__init__(server="tcplab")
+        self.inner = inner
+        self.lineMode = lineMode
+        self.bytesIn = 0
+        self.refusedOrigins = 0
+        self.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0, openHandshakeTimeout=30,
+                                closeHandshakeTimeout=5, autoPingInterval=30, autoPingTimeout=30)
+
+
+def asset(package: str, name: str) -> bytes:
+    return files(package).joinpath("static", name).read_bytes()
+
+
+class Asset(Resource):
+    """One file of the page, read once at start-up (package data), with the security headers."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, contentType: bytes) -> None:
+        super().__init__()
+        self.body = body
+        self.contentType = contentType
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", self.contentType)
+        for key, value in SECURITY_HEADERS.items():
+            request.setHeader(key, value)
+        return self.body
+
+
+class Counters(Resource):
+    """``/stats``: the server's counters now, as JSON, for the page's live view."""
+
+    isLeaf = True
+
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.read = read
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        for key, value in SECURITY_HEADERS.items():
+            request.setHeader(key, value)
+        return json.dumps(self.read()).encode("ascii")
+
+
+def webSite(package: str, sockets: StreamingWebSocketFactory, counters: Callable[[], dict[str, Any]]) -> Site:
+    """The Site of a wing's page: ``/`` (the wing's ``static/index.html``), ``/app.js`` (its script),
+    the shared ``/tcplab.css`` and ``/live.js``, ``/ws`` (the WebSocket) and ``/stats`` (the counters)."""
+    root = Resource()
+    root.putChild(b"", Asset(asset(package, "index.html"), _TYPES[".html"]))
+    root.putChild(b"app.js", Asset(asset(package, "app.js"), _TYPES[".js"]))
+    for name in ("tcplab.css", "live.js"):
+        root.putChild(name.encode(), Asset(asset("tcplab", name), _TYPES[name[name.rindex("."):]]))
+    root.putChild(b"ws", WebSocketResource(sockets))
+    root.putChild(b"stats", Counters(counters))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
