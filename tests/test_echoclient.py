@@ -33,7 +33,7 @@ from tcplab.echo.client import (
     UDPEchoClient,
 )
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut, VerificationFailed
-from tests.support import TCPLAB, ServerProcess, childEnv, runTcplab
+from tests.support import TCPLAB, ServerProcess, childEnv, runMain, runTcplab
 
 
 def connectedClient(timeout: float = 5) -> tuple[EchoClient, StringTransport, Clock, list[bytes]]:
@@ -408,7 +408,7 @@ class CommandTests(unittest.TestCase):
         self.addCleanup(self.server.stop)
 
     def test_messagesComeBack(self) -> None:
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello", "wörld")
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello", "wörld")
         self.assertEqual((result.returncode, result.stdout), (0, "hello\nwörld\n".encode()))
         self.assertEqual(result.stderr, b"")
 
@@ -418,14 +418,14 @@ class CommandTests(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout), (0, data))
 
     def test_firstContactIsLogged(self) -> None:
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello")
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello")
         self.assertEqual(result.returncode, 0)
         log = self.server.stop()
         self.assertRegex(log, r"connection from 127\.0\.0\.1:\d+")
         self.assertRegex(log, r"127\.0\.0\.1:\d+ disconnected, 6 bytes echoed")
 
     def test_udp(self) -> None:
-        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
+        result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), [b"ping", b"pong"])
 
@@ -438,7 +438,7 @@ class CommandTests(unittest.TestCase):
     def test_udpTruncatedReplyExits9(self) -> None:
         """``echo --udp`` of 10000 bytes to a server that returns 8192 of them: exit 9 and one line."""
         with UDPEcho(limit=8192) as port:
-            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "x" * 10000)
+            result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "x" * 10000)
         self.assertEqual(result.returncode, ExitCode.VERIFY, result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
         self.assertIn(b"truncated: 8192 of 10000 bytes", result.stderr)
@@ -446,10 +446,10 @@ class CommandTests(unittest.TestCase):
     def test_udpLargestDatagram(self) -> None:
         """A 65507-byte message goes as one datagram and its whole echo is read; one byte more is exit 2."""
         with UDPEcho() as port:
-            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65507)
+            result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65507)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertEqual(result.stdout, b"y" * 65507 + b"\n")
-            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65508)
+            result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65508)
         self.assertEqual(result.returncode, ExitCode.USAGE, result.stderr)
         self.assertIn(b"at most 65507 bytes", result.stderr)
 
@@ -457,7 +457,7 @@ class CommandTests(unittest.TestCase):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5", "hi")
+        result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT, result.stderr)
         self.assertIn(b"UDP echo refused", result.stderr)
 
@@ -465,13 +465,13 @@ class CommandTests(unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT)
         self.assertEqual(result.stderr.count(b"\n"), 1)
         self.assertIn(b"refused", result.stderr)
 
     def test_unknownHost(self) -> None:
-        result = runTcplab("echo", "--host", "no-such-host.invalid", "hi")
+        result = runMain("echo", "--host", "no-such-host.invalid", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT)
         self.assertIn(b"cannot resolve", result.stderr)
         self.assertNotIn(b"Traceback", result.stderr)
@@ -482,7 +482,7 @@ class CommandTests(unittest.TestCase):
             silent.bind(("127.0.0.1", 0))
             silent.listen()
             port = silent.getsockname()[1]
-            result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
+            result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
         self.assertEqual(result.returncode, ExitCode.TIMEOUT)
         self.assertIn(b"no echo for 0.5s", result.stderr)
 
@@ -492,7 +492,7 @@ class CommandTests(unittest.TestCase):
             silent.bind(("127.0.0.1", 0))
             silent.listen()
             port = silent.getsockname()[1]
-            result = runTcplab("echo", "--tls", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
+            result = runMain("echo", "--tls", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT, result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
         self.assertIn(b"TLS handshake", result.stderr)
@@ -540,7 +540,7 @@ class CommandTests(unittest.TestCase):
     def test_pipedOutputIsByteExact(self) -> None:
         """Into a pipe, what the server sends is passed on byte for byte, escapes and all."""
         port, thread, _ = self.hostileServer()
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
         thread.join(5)
         self.assertEqual((result.returncode, result.stdout), (0, HOSTILE + b"hi\n"))
 
@@ -556,7 +556,7 @@ class CommandTests(unittest.TestCase):
 
             thread = threading.Thread(target=hangUp, daemon=True)
             thread.start()
-            result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+            result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
             thread.join(5)
         self.assertEqual(result.returncode, ExitCode.LOST)
         self.assertIn(b"closed the connection", result.stderr)
@@ -581,11 +581,11 @@ class CommandTests(unittest.TestCase):
 
     def test_usageErrors(self) -> None:
         for argv in (["echo", "--port", "nope"], ["echo", "--bogus"], [], ["frobnicate"]):
-            result = runTcplab(*argv)
+            result = runMain(*argv)
             self.assertEqual(result.returncode, ExitCode.USAGE, argv)
             self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
 
     def test_version(self) -> None:
-        result = runTcplab("--version")
+        result = runMain("--version")
         self.assertEqual(result.returncode, 0)
         self.assertTrue(result.stdout.startswith(b"tcplab "))

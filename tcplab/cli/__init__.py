@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - not CPython
 TYPE_CHECKING = False  # typing itself takes a while to import: not before the handler is in place
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import Any, NoReturn
+    from typing import Any, NoReturn, TextIO
 
 #: name -> (module holding ``Options`` and ``run``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,11 +61,33 @@ def _stillInterrupted() -> None:
     """A Ctrl-C once the reactor is done: the exit status says so (130), nothing else to stop."""
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``tcplab`` console script and ``python -m tcplab``."""
-    signal.signal(signal.SIGINT, _interrupt)
+def main(argv: Sequence[str] | None = None, reactor: Any = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> NoReturn:
+    """Entry point of the ``tcplab`` console script and ``python -m tcplab``: exits with the command's status.
+
+    ``reactor`` (a fresh, not yet running one; default: the global reactor) and ``stdout`` /
+    ``stderr`` (text streams; a command's bytes go to ``stdout.buffer``) let a test run the
+    command in-process and read its exit status and output.  Given a reactor, Ctrl-C is left
+    to the caller and the process-wide SIGINT handler is restored afterwards.
+    """
+    if reactor is None:
+        signal.signal(signal.SIGINT, _interrupt)
+        code = _guarded(argv, None)
+    else:
+        global _interrupted, _onInterrupt
+        _interrupted, _onInterrupt = False, None
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            with _redirected(stdout, stderr):
+                code = _guarded(argv, reactor)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    sys.exit(code)
+
+
+def _guarded(argv: Sequence[str] | None, reactor: Any) -> int:
     try:
-        code = _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(list(sys.argv[1:] if argv is None else argv), reactor)
     except KeyboardInterrupt:
         code = INTERRUPTED
     except BrokenPipeError:  # ``tcplab echo --help | head -1``
@@ -77,10 +99,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = INTERRUPTED
     if code == INTERRUPTED:
         _message("tcplab: interrupted")
-    sys.exit(code)
+    return code
 
 
-def _main(args: list[str]) -> int:
+class _redirected:
+    """``sys.stdout`` / ``sys.stderr`` swapped for the given streams while a command runs in-process."""
+
+    def __init__(self, stdout: TextIO | None, stderr: TextIO | None) -> None:
+        self.streams = (stdout, stderr)
+
+    def __enter__(self) -> None:
+        self.saved = (sys.stdout, sys.stderr)
+        sys.stdout = self.streams[0] or sys.stdout
+        sys.stderr = self.streams[1] or sys.stderr
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self.saved
+
+
+def _main(args: list[str], reactor: Any = None) -> int:
     import argparse
     import importlib
 
@@ -110,13 +147,17 @@ def _main(args: list[str]) -> int:
         return int(ExitCode.USAGE)
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
-    return _runCommand(module.run, options)
+    return _runCommand(module.run, options, reactor)
 
 
-def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
+def _runCommand(run: Callable[[Any, Any], Any], options: Any, reactor: Any = None) -> int:
     """Run one command on the reactor; the first way it ends decides the exit status."""
     global _onInterrupt
-    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher
+
+    inProcess = reactor is not None
+    if reactor is None:
+        from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.error import ReactorNotRunning
     from twisted.logger import LogLevel, globalLogBeginner
@@ -151,12 +192,20 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
         finish(_exitFor(failure))
 
     common.whenOutputGone = lambda: finish(int(ExitCode.BROKEN_PIPE))
-    globalLogBeginner.beginLoggingTo([unhandled], discardBuffer=True, redirectStandardIO=False)
+    if inProcess:  # someone else (a test runner) owns logging: listen in, and leave again after
+        globalLogPublisher.addObserver(unhandled)
+    else:
+        globalLogBeginner.beginLoggingTo([unhandled], discardBuffer=True, redirectStandardIO=False)
     _onInterrupt = lambda: reactor.callFromThread(finish, INTERRUPTED)  # noqa: E731
     reactor.callWhenRunning(lambda: ensureDeferred(run(reactor, options)).addBoth(ended))
     if _interrupted:
         return INTERRUPTED
-    reactor.run(installSignalHandlers=False)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        if inProcess:
+            globalLogPublisher.removeObserver(unhandled)
+            common.whenOutputGone = None
     _onInterrupt = _stillInterrupted
     return INTERRUPTED if _interrupted else outcome[0] if outcome else int(ExitCode.FAILURE)
 
