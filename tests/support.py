@@ -119,14 +119,33 @@ def runMain(*argv: str, input: bytes = b"", reactor: Any = None, cwd: str | None
                     os.environ[name] = value
             if cwd is not None:
                 os.chdir(cwd)
-            main(list(argv), reactor=reactor or SelectReactor(), stdout=out, stderr=err)
+            reactor = reactor or SelectReactor()
+            main(list(argv), reactor=reactor, stdout=out, stderr=err)
         except SystemExit as e:
             code = int(e.code or 0)
         else:  # pragma: no cover - main always exits
             raise AssertionError("main returned instead of exiting")
         finally:
+            _closeAll(reactor)
             sys.stdin = stdin
             os.chdir(here)
             os.environ.clear()
             os.environ.update(saved)
     return subprocess.CompletedProcess(["tcplab", *argv], code, out.buffer.getvalue(), err.getvalue().encode())
+
+
+def _closeAll(reactor: Any) -> None:
+    """Close every socket a stopped reactor still holds, as the end of a ``tcplab`` process would."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    if reactor is None:
+        return
+    for _ in range(3):  # what the command started just before the end (an abort's connectionLost, a close)
+        reactor.runUntilCurrent()
+        reactor.doIteration(0)
+    for selectable in reactor.removeAll():
+        selectable.connectionLost(Failure(ConnectionDone("the command ended")))
+    waker = getattr(reactor, "waker", None)
+    if waker is not None:
+        waker.connectionLost(None)

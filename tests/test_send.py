@@ -17,9 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
 from twisted.internet.interfaces import INegotiated
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -41,7 +42,7 @@ from tcplab.errors import (
 from tcplab.file import tap as filetap
 from tcplab.file.sender import FileSender, ServerError, Uploader, serverCode, unsentBytes
 from tcplab.file.wire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
-from tests.support import scratch
+from tests.support import runMain, scratch
 
 LAB_TEXT = b"The lab's important secret.\n" * 100
 
@@ -469,6 +470,13 @@ class FakeServer(Protocol):
 
     mode = "silent"
     seen: Deferred[None] | None = None
+    live: set[FakeServer] = set()
+
+    def connectionMade(self) -> None:
+        self.live.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.live.discard(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.seen is not None and not self.seen.called:
@@ -485,10 +493,9 @@ class ExitCodeTests(LoopbackTestCase):
     """``python -m tcplab send`` exit statuses: one line on stderr, no traceback, a code that means something."""
 
     async def run_(self, *args: str, env: dict[str, str] | None = None, lines: int = 1) -> tuple[str, str, int]:
-        environ = {k: v for k, v in os.environ.items() if k != "TCPLAB_TOKEN"}
-        environ.update(env or {})
-        out, err, code = await getProcessOutputAndValue(sys.executable, ["-m", "tcplab", "send", *args],
-                                                        env=environ, path=self.src)
+        # In-process on a reactor of its own, in a thread, while this reactor serves the upload.
+        result = await deferToThread(runMain, "send", *args, cwd=self.src, env={"TCPLAB_TOKEN": None, **(env or {})})
+        out, err, code = result.stdout, result.stderr, result.returncode
         text = err.decode()
         self.assertNotIn("Traceback", text)
         self.assertLessEqual(text.count("\n"), lines, text)
@@ -498,7 +505,16 @@ class ExitCodeTests(LoopbackTestCase):
         FakeServer.mode = mode
         port = reactor.listenTCP(0, Factory.forProtocol(FakeServer), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        self.addCleanup(self.fakeGone)
         return port.getHost().port  # type: ignore[no-any-return]
+
+    async def fakeGone(self) -> None:
+        """Wait (bounded) until the fake server has seen the in-process client's connection close."""
+        for _ in range(500):
+            if not FakeServer.live:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("the fake server kept a connection open")
 
     async def test_ok(self) -> None:
         self.source("important_secret_file.txt", LAB_TEXT)

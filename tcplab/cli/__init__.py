@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None, stdout: TextIO 
 
     ``reactor`` (a fresh, not yet running one; default: the global reactor) and ``stdout`` /
     ``stderr`` (text streams; a command's bytes go to ``stdout.buffer``) let a test run the
-    command in-process and read its exit status and output.  Given a reactor, Ctrl-C is left
-    to the caller and the process-wide SIGINT handler is restored afterwards.
+    command in-process (even in a thread of its own) and read its exit status and output.  Given
+    a reactor, Ctrl-C is left to the caller: no SIGINT handler is installed.
     """
     if reactor is None:
         signal.signal(signal.SIGINT, _interrupt)
@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None, reactor: Any = None, stdout: TextIO 
             with _redirected(stdout, stderr):
                 code = _guarded(argv, reactor)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if signal.getsignal(signal.SIGINT) is not previous:
+                signal.signal(signal.SIGINT, previous)
     sys.exit(code)
 
 
