@@ -15,12 +15,10 @@ import tty
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from tcplab.echo.client import (
     MAX_PENDING_BYTES,
@@ -33,6 +31,7 @@ from tcplab.echo.client import (
     UDPEchoClient,
 )
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut, VerificationFailed
+from tcplab.testing import FakeTransport
 from tests.support import TCPLAB, ServerProcess, childEnv, runMain, runTcplab
 
 
@@ -103,16 +102,11 @@ class EchoClientTests(unittest.TestCase):
         self.successResultOf(client.done)
 
 
-@implementer(INegotiated)
-class TLSTransport(StringTransport):
-    """A StringTransport that says it is TLS, as Twisted's TLS wrapper does."""
-
-
 class HandshakeTests(unittest.TestCase):
-    def connect(self, timeout: float = 2) -> tuple[EchoClient, TLSTransport, Clock]:
+    def connect(self, timeout: float = 2) -> tuple[EchoClient, FakeTransport, Clock]:
         clock = Clock()
         client = EchoClient([].append, clock, timeout)
-        transport = TLSTransport()
+        transport = FakeTransport(tls=True)
         client.makeConnection(transport)
         return client, transport, clock
 

@@ -42,6 +42,7 @@ from tcplab.errors import (
 from tcplab.file import tap as filetap
 from tcplab.file.sender import FileSender, ServerError, Uploader, serverCode, unsentBytes
 from tcplab.file.wire import Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
+from tcplab.testing import FakeTransport
 from tests.support import runMain, scratch
 
 LAB_TEXT = b"The lab's important secret.\n" * 100
@@ -729,7 +730,7 @@ class ClientProtocolTests(SynchronousTestCase):
 
     def test_errorStopsTheBody(self) -> None:
         """An ERR while the body is going out: stop reading the file, fail, drop the connection."""
-        transport = self.reconnect(PausingTransport())
+        transport = self.reconnect(FakeTransport(bufferSize=0))
         d = self.put()
         producer = transport.producer
         sent = len(transport.value())
@@ -865,7 +866,7 @@ class ClientProtocolTests(SynchronousTestCase):
 
     def test_okBeforeTheBodyEnds(self) -> None:
         """A server that answers before it has the whole file is not believed."""
-        self.reconnect(PausingTransport())
+        self.reconnect(FakeTransport(bufferSize=0))
         d = self.put()
         self.client.dataReceived(formatOk(11, sha(b"hello world"), "received_h"))
         self.failureResultOf(d, RefusedByServer)
@@ -873,15 +874,6 @@ class ClientProtocolTests(SynchronousTestCase):
     def test_unaskedErrorMakesConnectionUnusable(self) -> None:
         self.client.dataReceived(formatErr(ErrorCode.TIMEOUT, "idle"))
         self.assertFalse(self.client.usable)
-
-
-class PausingTransport(StringTransport):
-    """Pauses its producer after every write, like a real transport with a full buffer."""
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        if self.producer is not None:
-            self.producer.pauseProducing()
 
 
 def split(items: list[Item | LocalFileError]) -> tuple[list[str], list[str]]:
