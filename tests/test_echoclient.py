@@ -402,16 +402,19 @@ class CommandTests(unittest.TestCase):
         self.addCleanup(self.server.stop)
 
     def test_messagesComeBack(self) -> None:
+        """``tcplab echo hello wörld`` prints both lines back, exit 0, nothing on stderr."""
         result = runMain("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello", "wörld")
         self.assertEqual((result.returncode, result.stdout), (0, "hello\nwörld\n".encode()))
         self.assertEqual(result.stderr, b"")
 
     def test_stdinLinesComeBack(self) -> None:
+        """2000 lines piped on stdin, NUL and 0xff bytes included, come back byte for byte."""
         data = b"".join(b"line %d \x00\xff\n" % i for i in range(2000))
         result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), input=data)
         self.assertEqual((result.returncode, result.stdout), (0, data))
 
     def test_firstContactIsLogged(self) -> None:
+        """The server logs the client's connection and, at its end, how many bytes it echoed."""
         result = runMain("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello")
         self.assertEqual(result.returncode, 0)
         log = self.server.stop()
@@ -419,11 +422,13 @@ class CommandTests(unittest.TestCase):
         self.assertRegex(log, r"127\.0\.0\.1:\d+ disconnected, 6 bytes echoed")
 
     def test_udp(self) -> None:
+        """``tcplab echo --udp ping pong`` prints both datagrams' echoes, exit 0."""
         result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), [b"ping", b"pong"])
 
     def test_udpLinesFromStdin(self) -> None:
+        """With --udp, each line read from stdin goes as one datagram and comes back."""
         result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port),
                            input=b"one\ntwo\n")
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -448,6 +453,7 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"at most 65507 bytes", result.stderr)
 
     def test_udpRefused(self) -> None:
+        """--udp to a port nobody listens on is exit 3 with "UDP echo refused", not a timeout."""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -456,6 +462,7 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"UDP echo refused", result.stderr)
 
     def test_refused(self) -> None:
+        """A TCP port nobody listens on is exit 3 with one line saying the connection was refused."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -465,6 +472,7 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"refused", result.stderr)
 
     def test_unknownHost(self) -> None:
+        """A host name that does not resolve is exit 3, "cannot resolve", and no traceback."""
         result = runMain("echo", "--host", "no-such-host.invalid", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT)
         self.assertIn(b"cannot resolve", result.stderr)
@@ -574,12 +582,14 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(err, b"tcplab: interrupted\n")
 
     def test_usageErrors(self) -> None:
+        """A bad option, a bad value, no command or an unknown one: exit 2 and one line each."""
         for argv in (["echo", "--port", "nope"], ["echo", "--bogus"], [], ["frobnicate"]):
             result = runMain(*argv)
             self.assertEqual(result.returncode, ExitCode.USAGE, argv)
             self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
 
     def test_version(self) -> None:
+        """``tcplab --version`` prints tcplab's version and exits 0."""
         result = runMain("--version")
         self.assertEqual(result.returncode, 0)
         self.assertTrue(result.stdout.startswith(b"tcplab "))

@@ -113,6 +113,7 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(sha(self.stored("received_important_secret_file.txt")), sha(LAB_TEXT))
 
     async def test_severalFilesOneConnection(self) -> None:
+        """Five files sent one after another share one connection and are all stored."""
         uploader = self.uploader()
         contents = {f"f{i}.bin": os.urandom(1000 * i) for i in range(5)}
         for name, data in contents.items():
@@ -122,6 +123,7 @@ class FlowTests(LoopbackTestCase):
             self.assertEqual(self.stored("received_" + name), data)
 
     async def test_recursiveFolder(self) -> None:
+        """A folder sent with -r keeps its sub-folders and non-ASCII names under received_TOP."""
         self.source("top/a.txt", b"a")
         self.source("top/sub/b.txt", b"b")
         self.source("top/sub/deeper/звіт 2025.txt", b"c")
@@ -518,6 +520,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.fail("the fake server kept a connection open")
 
     async def test_ok(self) -> None:
+        """``tcplab send important_secret_file.txt`` exits 0 and prints the stored name and its SHA256."""
         self.source("important_secret_file.txt", LAB_TEXT)
         out, err, code = await self.run_("--port", str(self.port), "important_secret_file.txt")
         self.assertEqual((code, err), (0, ""))
@@ -526,6 +529,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(self.stored("received_important_secret_file.txt"), LAB_TEXT)
 
     async def test_usage(self) -> None:
+        """No FILE, or an unknown option, is exit 2 with a line naming what is missing."""
         _, err, code = await self.run_("--port", str(self.port))
         self.assertEqual(code, 2)
         self.assertIn("FILE", err)
