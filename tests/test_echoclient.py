@@ -423,7 +423,8 @@ class CommandTests(unittest.TestCase):
 
     def test_udp(self) -> None:
         """``tcplab echo --udp ping pong`` prints both datagrams' echoes, exit 0."""
-        result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
+        # A child process, as the UDP port may be bound a moment after the "starting on" line the test waits for.
+        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), [b"ping", b"pong"])
 
