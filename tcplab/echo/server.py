@@ -53,7 +53,7 @@ class Echo(Protocol):
             encryptEachWrite(self.transport)
         self.throttleReads()
         self.factory.connections += 1
-        log.info("connection from {peer}", peer=self.peer)
+        self.factory.log.add("connection from {peer}", {"peer": self.peer})
 
     def throttleReads(self) -> None:
         throttleReadsOnWrites(self.transport)
@@ -77,7 +77,7 @@ class Echo(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connections -= 1
         self.factory.echoed += self.echoed
-        log.info("{peer} disconnected, {echoed} bytes echoed", peer=self.peer, echoed=self.echoed)
+        self.factory.log.add("{peer} disconnected, {echoed} bytes echoed", {"peer": self.peer, "echoed": self.echoed})
 
 
 class ProgressThrottle(ReadThrottle):
@@ -144,6 +144,39 @@ class TimedEcho(Echo, TimeoutMixin):
         super().connectionLost(reason)
 
 
+class ConnectionLog:
+    """The connection lines of one reactor turn, logged as one event at the start of the next.
+
+    Every connection is still logged as it comes and goes, but a storm of short connections
+    does not pay a formatted, time-stamped, flushed log event per line (which costs more than
+    serving the connection): a turn with one line logs it as it always was, a busier turn logs
+    its lines together, one per line of the event's text. The turn's end is found with the
+    reactor's ``callFromThread`` (no timer is left pending); a clock without it (a test's
+    ``Clock``) gets every line logged at once.
+    """
+
+    def __init__(self, clock: object) -> None:
+        self._nextTurn: Callable[..., object] | None = getattr(clock, "callFromThread", None)
+        self._pending: list[tuple[str, dict[str, object]]] = []
+
+    def add(self, format: str, fields: dict[str, object]) -> None:
+        if self._nextTurn is None:
+            log.info(format, **fields)
+            return
+        self._pending.append((format, fields))
+        if len(self._pending) == 1:
+            self._nextTurn(self.flush)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if len(pending) == 1:
+            format, fields = pending[0]
+            log.info(format, **fields)
+        elif pending:
+            log.info("{lines}", lines="\n".join(format.format_map(fields) for format, fields in pending),
+                     count=len(pending))
+
+
 class EchoFactory(Factory):
     """Counts live connections and bytes echoed by closed ones; ``idleTimeout`` > 0 closes
     connections idle that long (``clock`` times them: the reactor unless a test passes one)."""
@@ -156,9 +189,14 @@ class EchoFactory(Factory):
         self.idleTimeout = idleTimeout
         self.clock: IReactorTime = clock  # type: ignore[assignment]
         self.protocol = TimedEcho if idleTimeout else Echo
+        self.log = ConnectionLog(self.clock)
         self.connections = 0
         self.echoed = 0
         self.timedOut = 0
+
+    def stopFactory(self) -> None:
+        """The last lines of a stopping server are logged before it goes."""
+        self.log.flush()
 
 
 class UDPEcho(DatagramProtocol):
