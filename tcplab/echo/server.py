@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime, ITransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -68,8 +69,14 @@ class Echo(Protocol):
         The read throttle goes first: with a paused producer registered, a drained transport
         resumes the producer instead of closing; and there is nothing left to read anyway.
         """
-        self.transport.unregisterProducer()  # type: ignore[attr-defined]
-        self.transport.loseConnection()
+        transport = self.transport
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self._socket is not None and not transport.dataBuffer and not transport._tempDataLen:  # type: ignore[attr-defined]
+            # Every echo is in the kernel already, which sends it before the FIN: close now, as Twisted
+            # closes a protocol that cannot half-close, instead of waiting a turn for the socket to be writable.
+            transport.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        else:
+            transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         """Never called: the echo does not shut down its own sending side alone."""

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.escaping import escapeLine, escapeText
+from tcplab.flow import WriteTurns
 from tcplab.multi.backplane import STATS_FORMAT, Backplane
 from tcplab.multi.sendqueue import SendQueue
 from tcplab.multi.wire import HELP, isValidNick, parseCommand, prefixFor, serverLine
@@ -115,6 +116,7 @@ class HubClient(Protocol, TimeoutMixin):
 
     def __init__(self) -> None:
         self.peer = "?"
+        self.address: object = None
         self.name = ""
         self.prefix = b""
         self.queue: SendQueue | None = None
@@ -130,7 +132,8 @@ class HubClient(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         hub = self.factory
         self.callLater = hub.clock.callLater  # type: ignore[method-assign]
-        self.peer = describeAddress(self.transport.getPeer())
+        self.address = self.transport.getPeer()
+        self.peer = describeAddress(self.address)
         hub.connections += 1
         self._handshaking = ISSLTransport.providedBy(self.transport)
         if self._handshaking:
@@ -150,7 +153,8 @@ class HubClient(Protocol, TimeoutMixin):
             self.transport.loseConnection()
             self._abort = hub.clock.callLater(hub.config.closeGrace, self.transport.abortConnection)
             return
-        self.queue = SendQueue(self.transport, hub.config.sendQueue, self.pauseReading, self.resumeReading)
+        self.queue = SendQueue(hub.writeTurns.writesFor(self.transport), hub.config.sendQueue, self.pauseReading,
+                               self.resumeReading)
         self.transport.registerProducer(self.queue, True)  # type: ignore[attr-defined]
         hub.join(self)
         if hub.config.idleTimeout:
@@ -370,6 +374,9 @@ class HubClient(Protocol, TimeoutMixin):
         hub.leave(self, leaving)
         transport = self.transport
         if self.queue is not None:
+            flush = getattr(self.queue.transport, "flush", None)
+            if flush is not None:
+                flush()  # what this turn gave the queue goes out before what is written directly
             pending = self.queue.takeAll() if leaving.flush else []
             self.queue.clear()
             transport.unregisterProducer()  # type: ignore[attr-defined]
@@ -420,6 +427,7 @@ class MultiHub(Factory):
         self._later: deque[tuple[bytes, HubClient | None]] = deque()
         self._whenEmpty: list[Deferred[None]] = []
         self._logLimit = RateLimiter(CLIENT_LOG_RATE, CLIENT_LOG_BURST, self.clock.seconds)
+        self.writeTurns = WriteTurns(self.clock)
 
     def logClient(self, format: str, **fields: object) -> None:
         """Log one client's event, unless such lines are coming too fast (then only count it)."""
@@ -477,9 +485,9 @@ class MultiHub(Factory):
     def _defaultName(self, client: HubClient) -> str:
         """``host:port`` for a TCP client; otherwise, or if that is taken, something unique with ``#N``."""
         self._serial += 1
-        address = client.transport.getPeer()
+        address = client.address
         if isinstance(address, (IPv4Address, IPv6Address)):
-            name = describeAddress(address)
+            name = client.peer
         else:
             name = f"{'unix' if isinstance(address, UNIXAddress) else 'client'}#{self._serial}"
         if self.isTaken(name):
@@ -558,8 +566,10 @@ class MultiHub(Factory):
             while self._later:
                 data, sender = self._later.popleft()
                 for client in list(self.members):
-                    if client is not sender:
-                        client.deliver(data)
+                    # deliver(), inlined: a storm makes this the hub's innermost loop. A member always has
+                    # a queue; one dropped earlier in this pass is no member any more.
+                    if client is not sender and client.member and not client.queue.offer(data):  # type: ignore[union-attr]
+                        client._tooSlow()
         finally:
             self._broadcasting = False
             self._later.clear()
