@@ -92,7 +92,10 @@ def addArguments(parser: argparse.ArgumentParser) -> None:
 
 
 def measure(client: chat.ChatClient, server: chat.ChatServer, running: servers.RunningServer,
-            options: argparse.Namespace, concurrency: int) -> dict:
+            options: argparse.Namespace, concurrency: int | None = None) -> dict:
+    """One storm; at ``concurrency``, or at ``options.concurrency`` (a number, for the backplane workload)."""
+    if concurrency is None:
+        concurrency = options.concurrency
     running.check()
     deadline = max(30.0, options.connections / 100)
     overflowsBefore = servers.listenOverflows()
