@@ -25,11 +25,12 @@ from bench import (
     multimemory,
     report,
     storm,
+    storminstructions,
 )
 from bench.loadclient import BuildFailed
 from bench.servers import ServerFailed
 
-WORKLOADS = (echo, echomemory, instructions, storm, fanout, multimemory, filexfer, backplane)
+WORKLOADS = (echo, echomemory, instructions, storm, storminstructions, fanout, multimemory, filexfer, backplane)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -98,12 +98,24 @@ def instructionsChart(rows: Sequence[dict], path: Path) -> Path:
     ])
 
 
+def stormInstructionsChart(rows: Sequence[dict], path: Path) -> Path:
+    rows = measured(rows)
+    return bars(path, "Storm: user-space instructions per connection (lower is better)", [
+        ("instructions per connection", [(r["server"], r["per_connection"], colour(r["name"], r["baseline"]))
+                                         for r in rows], "{:,.0f}"),
+    ])
+
+
 def stormChart(rows: Sequence[dict], path: Path) -> Path:
     rows = measured(rows)
+
+    def label(r: dict) -> str:
+        return f"{r['server']}, {r['concurrency']} at a time" if "concurrency" in r else r["server"]
+
     return bars(path, "Connection storm (higher conns/s, lower p99 are better)", [
-        ("connections/s (median)", [(r["server"], r["conns_per_s"], colour(r["name"], r["baseline"])) for r in rows],
+        ("connections/s (median)", [(label(r), r["conns_per_s"], colour(r["name"], r["baseline"])) for r in rows],
          "{:,.0f}"),
-        ("p99 connect + line back, ms", [(r["server"], r["p99_ms"], colour(r["name"], r["baseline"])) for r in rows],
+        ("p99 connect + line back, ms", [(label(r), r["p99_ms"], colour(r["name"], r["baseline"])) for r in rows],
          "{:,.1f}"),
     ])
 
@@ -153,6 +165,7 @@ CHARTS = {
     "echo-memory": echoMemoryChart,
     "echo-instructions": instructionsChart,
     "storm": stormChart,
+    "storm-instructions": stormInstructionsChart,
     "fanout": fanoutChart,
     "multi-memory": multiMemoryChart,
     "file": fileChart,

@@ -6,6 +6,9 @@ Each server speaks a slightly different line protocol, and the client has to kno
   it greets with ``* welcome`` and announces joins and leaves while at most ``--notice-limit``
   (100) clients are connected. Measured twice: as users get it, and with ``--notice-limit 0``,
   which sends no notices, as the peers send none.
+- The equal-work chat (bench/peers/twisted_chatequal.py, the baseline of the storm's "at equal work" ratio)
+  is a plain Twisted ``LineReceiver`` doing what tcplab-multi does per connection (join at accept, echo
+  to the sender, ``<NAME> LINE`` to the others) and nothing more.
 - The Twisted docs' chat (bench/peers/twisted_chat.py, the howto's, the baseline) wants a name as the
   first line, lines end in ``\\r\\n``, and relays only to the others: no echo.
 - Twisted's chatserver.py example (bench/peers/twisted_chatexample.py) takes lines ending in ``\\r\\n``
@@ -50,6 +53,10 @@ class ChatServer:
     names: bool = False
     program: str = ""
     about: str = ""
+    #: False for a plain echo server: the storm runs without the witness (nothing is relayed to it).
+    witness: bool = True
+    #: The server that does the same work per connection, the storm's "at equal work" ratio is against it.
+    peer: str = "twisted-equal"
 
     @property
     def name(self) -> str:
@@ -95,6 +102,14 @@ def chatServers(ncatMaxConns: int = NCAT_MAX_CONNS) -> dict[str, ChatServer]:
             crlf=True,
             names=True,
             about="LineReceiver chat from Twisted's howto: a name first, relays to the others only",
+        ),
+        "twisted-equal": ChatServer(
+            servers.ServerSpec(
+                "twisted-equal", "plain Twisted chat, equal work", servers.peerScript("twisted_chatequal.py")
+            ),
+            echoes=True,
+            about="LineReceiver chat doing what tcplab-multi does per connection: joins at accept, echoes a line to "
+            "its sender and sends it as <NAME> LINE to the others; no welcome, notices, limits, logs or flow control",
         ),
         "twisted-example": ChatServer(
             servers.ServerSpec(
@@ -167,6 +182,8 @@ class ChatClient:
             flags.append("--crlf")
         if server.names:
             flags.append("--names")
+        if not server.witness:
+            flags.append("--nowitness")
         return flags
 
     def run(

@@ -11,7 +11,8 @@
  * others' lines are skipped). Without it (servers that relay only to the others) a witness
  * connection, open for the whole run, sees every line, and a connection is done when the witness
  * has its line. The witness is connected in both modes, so every server relays to the same number
- * of clients and every line's delivery is checked. The time of a connection is from connect() to
+ * of clients and every line's delivery is checked. --nowitness (with --echo, for plain echo servers,
+ * where no line goes anywhere but back) leaves the witness out. The time of a connection is from connect() to
  * done: connect + send + the server relaying the line back.
  *
  * fanout: LISTENERS connections read as fast as they can; one sender sends LINES lines of --size
@@ -53,11 +54,11 @@
 #define MAX_CONNS 100000
 
 static struct {
-    int echo, crlf, names, stuck;
+    int echo, crlf, names, stuck, nowitness;
     size_t size;
     long window;
     double timeout, stall, deadline;
-} opt = {0, 0, 0, 0, 64, 1000, 10.0, 5.0, 120.0};
+} opt = {0, 0, 0, 0, 0, 64, 1000, 10.0, 5.0, 120.0};
 
 static struct sockaddr_in addr;
 static char error[512];      /* what ended the run early, if anything */
@@ -413,15 +414,15 @@ static int storm(long n, int concurrency) {
     int ep = epoll_create1(0);
     struct witness w;
     linesInit(&w.in);
-    w.fd = connectNow("witness");
-    int witnessOk = w.fd >= 0;
-    if (witnessOk && opt.names) {
+    w.fd = opt.nowitness ? -1 : connectNow("witness");
+    int witnessOk = opt.nowitness || w.fd >= 0;
+    if (w.fd >= 0 && opt.names) {
         char name[32];
         snprintf(name, sizeof name, "witness%s", eol());
         if (sendAllBlocking(w.fd, name, strlen(name)) < 0) setError("%s", "witness: could not send its name");
     }
-    if (witnessOk) epollAdd(ep, w.fd, EPOLLIN, &w);
-    if (witnessOk) usleep(200000); /* let the server register the witness before the storm */
+    if (w.fd >= 0) epollAdd(ep, w.fd, EPOLLIN, &w);
+    if (w.fd >= 0) usleep(200000); /* let the server register the witness before the storm */
 
     uint64_t begin = now();
     uint64_t deadline = begin + (uint64_t)(opt.deadline * 1e9);
@@ -505,7 +506,7 @@ static int storm(long n, int concurrency) {
     double cpu = cpuSeconds() - cpuFrom;
     /* Give the witness a moment to see the last lines (it checks every line was relayed). */
     uint64_t settle = now() + 3000000000u;
-    while (witnessOk && witnessedCount < okCount && now() < settle) {
+    while (w.fd >= 0 && witnessOk && witnessedCount < okCount && now() < settle) {
         int k = epoll_wait(ep, events, 512, 20);
         for (int i = 0; i < k; i++)
             if (events[i].data.ptr == &w && readWitness(&w) < 0) witnessOk = 0;
@@ -522,13 +523,13 @@ static int storm(long n, int concurrency) {
     long errors = connectErrors + closedErrors + resetErrors + timeoutErrors + otherErrors;
     long notStarted = n - next;
     if (timedOut) setError("%s", "the run went past --deadline");
-    printf("{\"mode\": \"storm\", \"connections\": %ld, \"concurrency\": %d, \"completed\": %ld, \"errors\": %ld, "
+    printf("{\"mode\": \"storm\", \"witness\": %s, \"connections\": %ld, \"concurrency\": %d, \"completed\": %ld, \"errors\": %ld, "
            "\"connect_errors\": %ld, \"closed_errors\": %ld, \"reset_errors\": %ld, \"timeout_errors\": %ld, "
            "\"other_errors\": %ld, \"not_started\": %ld, \"witnessed\": %ld, \"witness_duplicates\": %ld, "
            "\"seconds\": %.6f, \"conns_per_s\": %.3f, \"mean_ms\": %.3f, \"p50_ms\": %.3f, \"p90_ms\": %.3f, "
            "\"p99_ms\": %.3f, \"max_ms\": %.3f, \"client_cpu\": %.4f, \"relayed_per_conn\": %.2f, "
            "\"first_error\": ",
-           n, concurrency, okCount, errors, connectErrors, closedErrors, resetErrors, timeoutErrors, otherErrors,
+           opt.nowitness ? "false" : "true", n, concurrency, okCount, errors, connectErrors, closedErrors, resetErrors, timeoutErrors, otherErrors,
            notStarted, witnessedCount, witnessDuplicates, seconds, seconds > 0 ? okCount / seconds : 0.0,
            mean / 1000, percentileUs(latencies, (size_t)nLatencies, 50) / 1000,
            percentileUs(latencies, (size_t)nLatencies, 90) / 1000,
@@ -869,7 +870,7 @@ static int usage(void) {
     fprintf(stderr,
             "usage: chatclient storm HOST PORT N CONCURRENCY [options]\n"
             "       chatclient fanout HOST PORT LISTENERS LINES [options]\n"
-            "options: --echo --crlf --names --stuck --size BYTES --window LINES --timeout S --stall S "
+            "options: --echo --nowitness --crlf --names --stuck --size BYTES --window LINES --timeout S --stall S "
             "--deadline S\n");
     return 2;
 }
@@ -883,6 +884,7 @@ int main(int argc, char **argv) {
         const char *o = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(o, "--echo")) opt.echo = 1;
+        else if (!strcmp(o, "--nowitness")) opt.nowitness = 1;
         else if (!strcmp(o, "--crlf")) opt.crlf = 1;
         else if (!strcmp(o, "--names")) opt.names = 1;
         else if (!strcmp(o, "--stuck")) opt.stuck = 1;

@@ -34,8 +34,24 @@ SERVERS = {
     "asyncio-streams": servers.ServerSpec(
         "asyncio-streams", "asyncio streams echo (docs)", servers.peerScript("asyncio_echo.py", "--streams")
     ),
+    "uvloop": servers.ServerSpec(
+        "uvloop", "asyncio Protocol echo on uvloop", servers.peerScript("asyncio_echo.py", "--uvloop")
+    ),
 }
-DEFAULT_SERVERS = ("tcplab", "twisted", "asyncio")
+DEFAULT_SERVERS = ("tcplab", "twisted", "asyncio", "uvloop")
+#: Servers that need a module the bench's interpreter may not have (the optional ``bench`` extra).
+NEEDS_MODULE = {"uvloop": "uvloop"}
+
+
+def missing(name: str) -> str:
+    """Why server ``name`` cannot run with this interpreter ("" if it can)."""
+    import importlib.util
+
+    module = NEEDS_MODULE.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        return (f"{SERVERS[name].label} skipped: the `{module}` module is not installed "
+                f"(pip install '.[bench]' or pip install {module})")
+    return ""
 
 #: A server below this share of a core during a run was not the pace-setter: something else had the CPU.
 BUSY = 0.9
@@ -136,7 +152,10 @@ def run(options: argparse.Namespace, progress: Callable[[str], None] = lambda li
     memory layout, which core it lands on) then varies between rounds instead of
     biasing all of one server's figures the same way.
     """
-    specs = [SERVERS[name] for name in options.servers]
+    skipped = [why for why in map(missing, options.servers) if why]
+    for why in skipped:
+        progress(why)
+    specs = [SERVERS[name] for name in options.servers if not missing(name)]
     client = LoadClient.choose(options.client)
     if client.note:
         progress(client.note)
@@ -156,7 +175,7 @@ def run(options: argparse.Namespace, progress: Callable[[str], None] = lambda li
                     )
                 for server in started:
                     peaks[server.spec.name] = max(peaks[server.spec.name], server.memory().hwm)
-    return summarize(specs, results, peaks, client)
+    return summarize(specs, results, peaks, client) + [{"skipped": why} for why in skipped]
 
 
 def summarize(
@@ -218,6 +237,8 @@ COLUMNS = (
 
 
 def section(rows: Sequence[dict], options: argparse.Namespace) -> Section:
+    skipped = [row["skipped"] for row in rows if "skipped" in row]
+    rows = [row for row in rows if "skipped" not in row]
     notes = [
         f"{options.connections} connections, {options.size}-byte messages, ping-pong (one message in flight per "
         f"connection), {options.warmup:g} s warm-up then {options.seconds:g} s measured, per server per round; "
@@ -246,6 +267,16 @@ def section(rows: Sequence[dict], options: argparse.Namespace) -> Section:
         notes.append(f"Load client: C (epoll, one thread, TCP_NODELAY), at most {cpu:.0%} of a core.")
     else:
         notes.append(rows[0]["client_note"] or "Load client: Python (selectors).")
+    notes += skipped
+    byName = {row["name"]: row for row in rows}
+    for peer in ("asyncio", "uvloop"):
+        if "tcplab" in byName and peer in byName and byName[peer]["rps"]:
+            versus = byName["tcplab"]["rps"] / byName[peer]["rps"]
+            notes.append(
+                f"Target (issue 15): tcplab-echo ≥ {TARGET_RATIO:.1f}{TIMES} the {byName[peer]['server']}"
+                f"{' (moonshot)' if peer == 'uvloop' else ''}: {versus:.2f}{TIMES}, "
+                f"{'met' if versus >= TARGET_RATIO else 'NOT met'}."
+            )
     for row in rows:
         if row["name"] == "tcplab" and row["rps_ratio"] is not None:
             met = row["rps_ratio"] >= TARGET_RATIO and row["p99_us"] < TARGET_P99_US

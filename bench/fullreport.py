@@ -21,7 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench import BenchError, charts, echo, echomemory, fanout, filexfer, instructions, multimemory, report, storm
+from bench import (
+    BenchError,
+    charts,
+    echo,
+    echomemory,
+    fanout,
+    filexfer,
+    instructions,
+    multimemory,
+    report,
+    storm,
+    storminstructions,
+)
 from bench.loadclient import BuildFailed, findCompiler
 from bench.servers import REPO, ServerFailed
 
@@ -34,10 +46,14 @@ REPORT: tuple[tuple[object, tuple[str, ...]], ...] = (
     (echomemory, ()),
     (instructions, ()),
     (storm, ()),
+    (storminstructions, ()),
     (fanout, ()),
     (multimemory, ()),
     (filexfer, ("--rounds", "3")),
 )
+
+#: The workloads run under valgrind: in a report only with --instructions (or named in --only).
+VALGRIND = (instructions, storminstructions)
 
 #: Seconds, not minutes: for the smoke test, so the harness cannot rot.
 TINY: dict[str, tuple[str, ...]] = {
@@ -45,7 +61,9 @@ TINY: dict[str, tuple[str, ...]] = {
              "--servers", "tcplab,twisted"),
     "echo-memory": ("--push", "4", "--stall", "0.3", "--servers", "tcplab"),
     "echo-instructions": ("--requests", "200", "--warmup", "20", "--connections", "2", "--servers", "tcplab"),
-    "storm": ("--connections", "200", "--concurrency", "20", "--rounds", "1", "--servers", "tcplab,twisted"),
+    "storm": ("--connections", "200", "--concurrency", "20", "--rounds", "1", "--servers",
+              "tcplab,twisted-equal,twisted,tcplab-echo,twisted-echo"),
+    "storm-instructions": ("--connections", "40", "--warmup", "10", "--concurrency", "4", "--servers", "tcplab-echo"),
     "fanout": ("--listeners", "3", "--lines", "2000", "--rounds", "1", "--servers", "tcplab,twisted"),
     "multi-memory": ("--idle", "100", "--flow", "2", "--servers", "tcplab,twisted"),
     "file": ("--size", "4M", "--concurrent", "2", "--each", "1M"),
@@ -56,13 +74,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench --report",
         description="Run every workload (echo, echo-memory, storm, fanout, multi-memory, file; echo-instructions "
-        "with --instructions) and write the results, with charts, into docs/benchmarks.md.",
+        "and storm-instructions with --instructions) and write the results, with charts, into docs/benchmarks.md.",
     )
     p.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md",
                    help="markdown file whose results part is replaced (default docs/benchmarks.md)")
     p.add_argument("--images", type=Path, default=None, help="folder for the PNG charts (default: img/ next to it)")
     p.add_argument("--instructions", action="store_true",
-                   help="also count instructions per echo request under valgrind (about a minute more)")
+                   help="also count instructions per echo request and per storm connection under valgrind "
+                   "(a few minutes more)")
     p.add_argument("--only", default="", help="comma list of workloads to run (default: all)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes that finish in seconds (for the smoke test)")
     return p
@@ -119,7 +138,7 @@ def planned(options: argparse.Namespace, progress: Callable[[str], None]) -> lis
         name = workload.NAME  # type: ignore[attr-defined]
         if only and name not in only:
             continue
-        if workload is instructions and not options.instructions and name not in only:
+        if workload in VALGRIND and not options.instructions and name not in only:
             continue
         if options.tiny:
             argv = TINY[name]
@@ -186,6 +205,8 @@ def main(argv: Sequence[str], progress: Callable[[str], None]) -> int:
         reason = "valgrind is not installed" if shutil.which("valgrind") is None else "run with --instructions"
         sections.append(report.Section("Echo: instructions per request", (), (), [
             f"Not run in this report ({reason}); `python -m bench echo-instructions` counts them."]))
+        sections.append(report.Section("Storm: instructions per connection", (), (), [
+            f"Not run in this report ({reason}); `python -m bench storm-instructions` counts them."]))
     minutes = (time.monotonic() - began) / 60
     extra = [f"tcplab measured: {sourceState()}",
              f"Peers and tools: {peerVersions()}",

@@ -8,7 +8,7 @@ import struct
 import termios
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -115,3 +115,71 @@ def unsentBytes(transport: object) -> int | None:
             return unsent
         transport = getattr(transport, "transport", None)
     return None
+
+
+class TurnWrites:
+    """Stands for a transport whose only use is ``write`` (a :class:`~tcplab.multi.sendqueue.SendQueue`):
+    the writes of one reactor turn reach the transport as one write at the start of the next.
+
+    A broadcast writes a line to every client, and a storm of short connections adds a join and
+    a leave notice for each: Twisted's ``transport.write`` already gathers a turn's writes into one
+    ``send``, but its bookkeeping per write is most of a broadcast's cost. Here a write is a list
+    append. Once ``FLUSH_AT`` bytes are gathered they are written at once, so the transport's
+    buffer still fills, and pauses its producer, as soon as it would have; :meth:`flush` writes
+    the gathered bytes now (before writing to the transport directly).
+    """
+
+    __slots__ = ("_parts", "_size", "_turns", "transport")
+
+    #: Gathered bytes written at once: well under a transport's 64 KiB buffer.
+    FLUSH_AT = 16384
+
+    def __init__(self, transport: ITransport, turns: WriteTurns) -> None:
+        self.transport = transport
+        self._turns = turns
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        parts = self._parts
+        if not parts:
+            self._turns.mark(self)
+        parts.append(data)
+        self._size += len(data)
+        if self._size >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        parts = self._parts
+        if parts:
+            self._parts = []
+            self._size = 0
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+
+class WriteTurns:
+    """The :class:`TurnWrites` with bytes gathered this turn, written out at the start of the next.
+
+    The next turn is reached with the reactor's ``callFromThread``, which leaves no timer pending;
+    a clock without it (a test's ``Clock``), or a transport that is not a plain socket (TLS gathers
+    its own writes), gets the transport itself from :meth:`writesFor`, written at once.
+    """
+
+    def __init__(self, clock: object) -> None:
+        self._nextTurn = getattr(clock, "callFromThread", None)
+        self._marked: list[TurnWrites] = []
+
+    def writesFor(self, transport: ITransport) -> ITransport | TurnWrites:
+        if self._nextTurn is None or plainSocket(transport) is None:
+            return transport
+        return TurnWrites(transport, self)
+
+    def mark(self, writes: TurnWrites) -> None:
+        if not self._marked:
+            self._nextTurn(self.flushAll)  # type: ignore[misc]
+        self._marked.append(writes)
+
+    def flushAll(self) -> None:
+        marked, self._marked = self._marked, []
+        for writes in marked:
+            writes.flush()

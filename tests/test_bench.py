@@ -235,3 +235,56 @@ class BackplaneBenchTests(unittest.TestCase):
         text = report.render("backplane", ["backplane"], report.machineInfo(), [backplane.section(rows, opts)])
         self.assertIn("Scale-out: one process vs two on the Redis backplane", text)
         self.assertIn("| B: two tcplab-multi, --reuse-port, Redis backplane |", text)
+
+
+class StormBenchTests(unittest.TestCase):
+    """The storm workload measures tcplab against its equal-work plain Twisted peers at every concurrency."""
+
+    def setUp(self) -> None:
+        try:
+            chat.ChatClient.build()
+        except BuildFailed as e:
+            raise unittest.SkipTest(f"no C compiler for the chat client: {e}") from None
+
+    def test_stormAgainstEqualWorkPeersAtTwoConcurrencies(self) -> None:
+        """A tiny storm gives a row per server and concurrency, each with its ratio to its equal-work peer."""
+        from bench import storm
+
+        opts = options(storm, "--connections", "60", "--concurrency", "4,8", "--rounds", "1", "--servers",
+                       "tcplab,twisted-equal,tcplab-echo,twisted-echo")
+        rows = storm.run(opts)
+        self.assertEqual([(r["name"], r["concurrency"]) for r in rows], [
+            (name, c) for c in (4, 8) for name in ("tcplab", "twisted-equal", "tcplab-echo", "twisted-echo")])
+        for row in rows:
+            self.assertEqual((row["completed"], row["errors"], row["lost"]), (60, 0, 0), row["name"])
+        byName = {(r["name"], r["concurrency"]): r for r in rows}
+        self.assertEqual(byName["twisted-equal", 4]["ratio"], 1.0)
+        self.assertAlmostEqual(byName["tcplab-echo", 8]["ratio"],
+                               byName["tcplab-echo", 8]["conns_per_s"] / byName["twisted-echo", 8]["conns_per_s"])
+        text = report.render("storm", ["storm"], report.machineInfo(), [storm.section(rows, opts)])
+        self.assertIn("| plain Twisted chat, equal work | 4 |", text)
+        self.assertIn("Target (issue 15), tcplab-echo, 8 at a time", text)
+
+    def test_stormInstructionsPerConnection(self) -> None:
+        """Under valgrind, tcplab-echo's instructions per storm connection are counted and compared."""
+        import shutil
+
+        from bench import storminstructions
+
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            raise unittest.SkipTest("valgrind is not installed")
+        opts = options(storminstructions, "--connections", "20", "--warmup", "5", "--concurrency", "2",
+                       "--servers", "tcplab-echo,twisted-echo")
+        rows = storminstructions.run(opts)
+        self.assertEqual([r["name"] for r in rows], ["tcplab-echo", "twisted-echo"])
+        self.assertGreater(rows[0]["per_connection"], 10000)
+        self.assertEqual(rows[1]["ratio"], 1.0)
+
+    def test_missingUvloopIsANoteNotAFailure(self) -> None:
+        """Without uvloop installed, the echo workload leaves its peer out with a note saying how to install it."""
+        import importlib.util
+
+        real = importlib.util.find_spec
+        self.patch(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+        self.assertIn("pip install", echo.missing("uvloop"))
+        self.assertEqual(echo.missing("asyncio"), "")

@@ -6,9 +6,10 @@ message, this one keeps echoing. ``--streams``: the streams version
 (asyncio-stream.html), reading and writing with ``await writer.drain()``.
 The protocol version buffers without bound for a client that does not read;
 the streams version stops reading while ``drain()`` waits for its write buffer
-to fall below the high-water mark, so it has backpressure.
+to fall below the high-water mark, so it has backpressure. ``--uvloop``: the
+same server on uvloop's event loop (the optional ``bench`` extra installs it).
 
-usage: python bench/peers/asyncio_echo.py PORT [--streams]
+usage: python bench/peers/asyncio_echo.py PORT [--streams] [--uvloop]
 """
 
 import asyncio
@@ -42,4 +43,9 @@ async def main(port: int, streams: bool) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), "--streams" in sys.argv[2:]))
+    if "--uvloop" in sys.argv[2:]:
+        import uvloop
+
+        uvloop.run(main(int(sys.argv[1]), "--streams" in sys.argv[2:]))
+    else:
+        asyncio.run(main(int(sys.argv[1]), "--streams" in sys.argv[2:]))

@@ -2,10 +2,12 @@
 
 Kept as the docs have it, `Echo(Protocol)` writing back what it receives, served
 by ``reactor.listenTCP``; only the port comes from argv and it listens on
-loopback. It has no backpressure: a client that does not read makes it buffer
+loopback, with Twisted's default backlog of 50 unless ``--backlog N`` is given
+(the storm gives it tcplab's 1,024, so that neither server loses handshakes to a
+full accept queue). It has no backpressure: a client that does not read makes it buffer
 everything it is sent. This is the "plain Twisted" baseline of the ratios.
 
-usage: python bench/peers/twisted_echo.py PORT
+usage: python bench/peers/twisted_echo.py PORT [--backlog N]
 """
 
 import sys
@@ -21,13 +23,14 @@ class Echo(protocol.Protocol):
         self.transport.write(data)
 
 
-def main(port: int) -> None:
+def main(port: int, backlog: int = 50) -> None:
     """This runs the protocol on port PORT"""
     factory = protocol.ServerFactory()
     factory.protocol = Echo
-    reactor.listenTCP(port, factory, interface="127.0.0.1")  # type: ignore[arg-type]
+    reactor.listenTCP(port, factory, backlog=backlog, interface="127.0.0.1")  # type: ignore[arg-type]
     reactor.run()  # type: ignore[misc]
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    args = sys.argv[1:]
+    main(int(args[0]), int(args[args.index("--backlog") + 1]) if "--backlog" in args else 50)

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.escaping import escapeLine, escapeText
+from tcplab.flow import WriteTurns
 from tcplab.interfaces import StreamTransport, globalReactor
 from tcplab.multi.backplane import STATS_FORMAT, Backplane
 from tcplab.multi.sendqueue import SendQueue
@@ -120,6 +121,7 @@ class HubClient(Protocol, TimeoutMixin):
 
     def __init__(self) -> None:
         self.peer = "?"
+        self.address: object = None
         self.name = ""
         self.prefix = b""
         self.queue: SendQueue | None = None
@@ -138,7 +140,8 @@ class HubClient(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         hub = self.factory
         self.callLater = hub.clock.callLater  # type: ignore[method-assign, assignment]
-        self.peer = describeAddress(self.transport.getPeer())
+        self.address = self.transport.getPeer()
+        self.peer = describeAddress(self.address)
         self.started = hub.clock.seconds()
         hub.stats.accepted += 1
         hub.connections += 1
@@ -160,7 +163,8 @@ class HubClient(Protocol, TimeoutMixin):
             self.transport.loseConnection()
             self._abort = hub.clock.callLater(hub.config.closeGrace, self.transport.abortConnection)
             return
-        self.queue = SendQueue(self.transport, hub.config.sendQueue, self.pauseReading, self.resumeReading)
+        self.queue = SendQueue(hub.writeTurns.writesFor(self.transport), hub.config.sendQueue, self.pauseReading,
+                               self.resumeReading)
         self.transport.registerProducer(self.queue, True)
         hub.join(self)
         if hub.config.idleTimeout:
@@ -383,6 +387,9 @@ class HubClient(Protocol, TimeoutMixin):
         hub.leave(self, leaving)
         transport = self.transport
         if self.queue is not None:
+            flush = getattr(self.queue.transport, "flush", None)
+            if flush is not None:
+                flush()  # what this turn gave the queue goes out before what is written directly
             pending = self.queue.takeAll() if leaving.flush else []
             self.queue.clear()
             transport.unregisterProducer()
@@ -439,6 +446,7 @@ class MultiHub(_HubFactoryBase):
         self._clientLog = RateLimitedLog(log, LogLevel.info, CLIENT_LOG_RATE, CLIENT_LOG_BURST, self.clock.seconds)
         #: ``--usage-log``: one record per finished connection.
         self.usage: UsageLog | None = None
+        self.writeTurns = WriteTurns(self.clock)
 
     def logClient(self, format: str, **fields: object) -> None:
         """Log one client's event, unless such lines are coming too fast (then only count it)."""
@@ -495,9 +503,9 @@ class MultiHub(_HubFactoryBase):
     def _defaultName(self, client: HubClient) -> str:
         """``host:port`` for a TCP client; otherwise, or if that is taken, something unique with ``#N``."""
         self._serial += 1
-        address = client.transport.getPeer()
+        address = client.address
         if isinstance(address, (IPv4Address, IPv6Address)):
-            name = describeAddress(address)
+            name = client.peer
         else:
             name = f"{'unix' if isinstance(address, UNIXAddress) else 'client'}#{self._serial}"
         if self.isTaken(name):
@@ -576,8 +584,10 @@ class MultiHub(_HubFactoryBase):
             while self._later:
                 data, sender = self._later.popleft()
                 for client in list(self.members):
-                    if client is not sender:
-                        client.deliver(data)
+                    # deliver(), inlined: a storm makes this the hub's innermost loop. A member always has
+                    # a queue; one dropped earlier in this pass is no member any more.
+                    if client is not sender and client.member and not client.queue.offer(data):  # type: ignore[union-attr]
+                        client._tooSlow()
         finally:
             self._broadcasting = False
             self._later.clear()
