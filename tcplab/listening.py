@@ -142,13 +142,16 @@ class ServerOptions(usage.Options):
             raise usage.UsageError("use either --listen or --port/--interface, not both")
         for description in self["listen"]:
             checkServerEndpoint(description)
-        if self["metrics"] is not None:
-            if endpointKind(self["metrics"]) == "haproxy":
-                raise usage.UsageError("--metrics takes a plain endpoint such as tcp:9100:interface=127.0.0.1")
+        for option, example in (("metrics", "tcp:9100"), ("web", "tcp:8001")):
+            description = self.get(option)
+            if description is None:
+                continue
+            if endpointKind(description) == "haproxy":
+                raise usage.UsageError(f"--{option} takes a plain endpoint such as {example}:interface=127.0.0.1")
             try:
-                checkServerEndpoint(self["metrics"])
+                checkServerEndpoint(description)
             except usage.UsageError as e:
-                raise usage.UsageError(str(e).replace("--listen", "--metrics", 1)) from None
+                raise usage.UsageError(str(e).replace("--listen", f"--{option}", 1)) from None
         if self["usage-log"] is not None:
             checkWritableFile("--usage-log", self["usage-log"])
 

@@ -157,7 +157,6 @@ class StreamingWebSocket(WebSocketServerProtocol):
 
     def onMessageFrameData(self, payload: bytes) -> None:
         if self.inner is not None and payload:
-            self.factory.bytesIn += len(payload)
             self.inner.dataReceived(payload)
 
     def onMessageFrameEnd(self) -> None:
@@ -186,7 +185,6 @@ class StreamingWebSocketFactory(WebSocketServerFactory):
         super().__init__(server="tcplab")
         self.inner = inner
         self.lineMode = lineMode
-        self.bytesIn = 0
         self.refusedOrigins = 0
         self.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0, openHandshakeTimeout=30,
                                 closeHandshakeTimeout=5, autoPingInterval=30, autoPingTimeout=30)
@@ -207,10 +205,14 @@ class Asset(Resource):
         self.contentType = contentType
 
     def render_GET(self, request: IRequest) -> bytes:
+        self.render_HEAD(request)
+        return self.body
+
+    def render_HEAD(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", self.contentType)
         for key, value in SECURITY_HEADERS.items():
             request.setHeader(key, value)
-        return self.body
+        return b""
 
 
 class Counters(Resource):
@@ -229,17 +231,36 @@ class Counters(Resource):
         return json.dumps(self.read()).encode("ascii")
 
 
-def webSite(package: str, sockets: StreamingWebSocketFactory, counters: Callable[[], dict[str, Any]]) -> Site:
-    """The Site of a wing's page: ``/`` (the wing's ``static/index.html``), ``/app.js`` (its script),
-    the shared ``/tcplab.css`` and ``/live.js``, ``/ws`` (the WebSocket) and ``/stats`` (the counters)."""
+def pageSite(package: str, scripts: tuple[str, ...] = ("live.js", "app.js")) -> Resource:
+    """The root of a wing's page: ``/`` (the wing's ``static/index.html``), the shared ``/tcplab.css``
+    and ``/live.js``, and the wing's ``/app.js`` if it has one."""
     root = Resource()
     root.putChild(b"", Asset(asset(package, "index.html"), _TYPES[".html"]))
-    root.putChild(b"app.js", Asset(asset(package, "app.js"), _TYPES[".js"]))
-    for name in ("tcplab.css", "live.js"):
-        root.putChild(name.encode(), Asset(asset("tcplab", name), _TYPES[name[name.rindex("."):]]))
+    root.putChild(b"tcplab.css", Asset(asset("tcplab", "tcplab.css"), _TYPES[".css"]))
+    for name in scripts:
+        root.putChild(name.encode(), Asset(asset("tcplab" if name == "live.js" else package, name), _TYPES[".js"]))
+    return root
+
+
+def webSite(package: str, sockets: StreamingWebSocketFactory, counters: Callable[[], dict[str, Any]]) -> Site:
+    """The Site of a wing's page (:func:`pageSite`) with ``/ws`` (the WebSocket) and ``/stats`` (the counters)."""
+    root = pageSite(package)
     root.putChild(b"ws", WebSocketResource(sockets))
     root.putChild(b"stats", Counters(counters))
-    site = Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return quietSite(root)
+
+
+class _QuietSite(Site):
+    """A Site that shows browsers no tracebacks and leaves the live view's polls (``/stats``, one a
+    second per open page) out of the access log."""
+
+    displayTracebacks = False
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        if request.path != b"/stats":
+            super().log(request)
+
+
+def quietSite(root: Resource) -> Site:
+    return _QuietSite(root)

@@ -90,3 +90,62 @@ def scratch(case: Any) -> str:
     path = tempfile.mkdtemp(prefix="tcplab-test-")
     case.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+
+def runMain(*argv: str, input: bytes = b"", reactor: Any = None, cwd: str | None = None,
+            env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """``tcplab ARGV`` in this process, as ``runTcplab`` runs it in a child (same result type), on a
+    fresh reactor or ``reactor`` (not yet running, e.g. with a server listening on it).  ``input``
+    is stdin; ``cwd`` and ``env`` (None removes a variable) last for the call only."""
+    import io
+
+    from twisted.internet.selectreactor import SelectReactor
+
+    from tcplab.cli import main
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    err = io.StringIO()
+    saved, here, stdin = dict(os.environ), os.getcwd(), sys.stdin
+    with tempfile.TemporaryFile() as source:
+        source.write(input)
+        source.seek(0)
+        try:
+            sys.stdin = io.TextIOWrapper(source)
+            for name, value in (env or {}).items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            if cwd is not None:
+                os.chdir(cwd)
+            reactor = reactor or SelectReactor()
+            main(list(argv), reactor=reactor, stdout=out, stderr=err)
+        except SystemExit as e:
+            code = int(e.code or 0)
+        else:  # pragma: no cover - main always exits
+            raise AssertionError("main returned instead of exiting")
+        finally:
+            _closeAll(reactor)
+            sys.stdin = stdin
+            os.chdir(here)
+            os.environ.clear()
+            os.environ.update(saved)
+    return subprocess.CompletedProcess(["tcplab", *argv], code, out.buffer.getvalue(), err.getvalue().encode())
+
+
+def _closeAll(reactor: Any) -> None:
+    """Close every socket a stopped reactor still holds, as the end of a ``tcplab`` process would."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    if reactor is None:
+        return
+    for _ in range(3):  # what the command started just before the end (an abort's connectionLost, a close)
+        reactor.runUntilCurrent()
+        reactor.doIteration(0)
+    for selectable in reactor.removeAll():
+        selectable.connectionLost(Failure(ConnectionDone("the command ended")))
+    waker = getattr(reactor, "waker", None)
+    if waker is not None:
+        waker.connectionLost(None)

@@ -44,6 +44,7 @@ class EchoProtocolTests(unittest.TestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.lists(st.binary(max_size=2048), max_size=20))
     def test_arbitraryBinaryChunks(self, chunks: list[bytes]) -> None:
+        """Any binary data, in any chunks, comes back exactly as sent."""
         protocol, transport = connectedEcho()
         for chunk in chunks:
             protocol.dataReceived(chunk)
@@ -61,6 +62,7 @@ class EchoProtocolTests(unittest.TestCase):
         self.assertEqual(transport.producerState, "producing")
 
     def test_countsBytesAndConnections(self) -> None:
+        """The server counts live connections and, once one closes, the bytes it echoed."""
         protocol, transport = connectedEcho()
         self.assertEqual(protocol.factory.connections, 1)
         self.assertEqual(protocol.peer, "127.0.0.1:5555")
@@ -86,6 +88,7 @@ class UDPEchoTests(unittest.TestCase):
         self.proto.transport = self.transport  # type: ignore[assignment]
 
     def test_echoesDatagram(self) -> None:
+        """A UDP datagram, NUL and 0xff bytes included, is sent straight back to its sender."""
         self.proto.datagramReceived(b"\x00hello\xff", ("127.0.0.1", 40000))
         self.assertEqual(self.transport.sent, [(b"\x00hello\xff", ("127.0.0.1", 40000))])
 
@@ -98,6 +101,7 @@ class UDPEchoTests(unittest.TestCase):
         self.assertEqual(self.proto.droppedPort, 5)
 
     def test_rateLimitPerSource(self) -> None:
+        """A source over its rate loses the excess, others are unaffected, and it is answered again a second later."""
         for _ in range(5):
             self.proto.datagramReceived(b"x", ("10.0.0.1", 40000))
         self.proto.datagramReceived(b"y", ("10.0.0.2", 40000))
@@ -108,6 +112,7 @@ class UDPEchoTests(unittest.TestCase):
         self.assertEqual(self.transport.sent[-1], (b"z", ("10.0.0.1", 40000)))
 
     def test_limiterTableIsBounded(self) -> None:
+        """A thousand different sources never make the rate limiter remember more than its maximum."""
         limiter = RateLimiter(1, 1, self.clock.seconds, maxKeys=100)
         for i in range(1000):
             limiter.allow(i)
@@ -116,17 +121,20 @@ class UDPEchoTests(unittest.TestCase):
 
 class OptionsTests(unittest.TestCase):
     def test_defaults(self) -> None:
+        """With no options the echo server listens on TCP port 7000."""
         options = echotap.Options()
         options.parseOptions([])
         self.assertEqual(options["port"], 7000)
         self.assertEqual(options.endpointDescriptions()[0].split(":backlog=")[0], "tcp:7000")
 
     def test_interfaceIsEscaped(self) -> None:
+        """--interface ::1 is escaped into the endpoint description, so an IPv6 address works."""
         options = echotap.Options()
         options.parseOptions(["--port", "7100", "--interface", "::1"])
         self.assertTrue(options.endpointDescriptions()[0].startswith("tcp:7100:interface=\\:\\:1"))
 
     def test_listenRepeatable(self) -> None:
+        """--listen may be given more than once, one listening endpoint each."""
         options = echotap.Options()
         options.parseOptions(["--listen", "tcp6:7000", "--listen", "unix:/tmp/x.sock"])
         descriptions = options.endpointDescriptions()
@@ -135,6 +143,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(descriptions[1], "unix:/tmp/x.sock")
 
     def test_badValuesAreOneLineErrors(self) -> None:
+        """A bad port, endpoint, rate or combination of options is a one-line usage error."""
         for argv in (["--port", "x"], ["--port", "70000"], ["--listen", "bogus:1"], ["--udp-rate", "-1"],
                      ["--listen", "tcp:1", "--port", "2"], ["--udp", "--listen", "unix:/tmp/echo.sock"]):
             options = echotap.Options()
@@ -142,6 +151,7 @@ class OptionsTests(unittest.TestCase):
             self.assertNotIn("\n", str(error))
 
     def test_backlogKeptWhenGiven(self) -> None:
+        """A backlog given in --listen is kept; a TCP listen without one gets the default, a UNIX one none."""
         self.assertEqual(withBacklog("tcp:1:backlog=5", 1024), "tcp:1:backlog=5")
         self.assertEqual(withBacklog("7000", 1024), "7000:backlog=1024")
         self.assertEqual(withBacklog("unix:/x", 1024), "unix:/x")
@@ -160,6 +170,7 @@ class LoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_tcpEchoOverLoopback(self):  # type: ignore[no-untyped-def]
+        """256 KiB sent over a real loopback connection come back byte for byte."""
         service = self.startServer()
         port = service.tcp.ports[0].getHost().port
         received = bytearray()
@@ -181,6 +192,7 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(bytes(received), payload)
 
     def test_udpOnSamePortNumber(self) -> None:
+        """With --udp the server answers datagrams on the same port number as its TCP port."""
         service = self.startServer("--udp")
         port = service.tcp.ports[0].getHost().port
         self.assertEqual(service.udpPort.getHost().port, port)
@@ -203,6 +215,7 @@ class LoopbackTests(unittest.TestCase):
         return d.addCallback(self.assertEqual, b"ping\x00")
 
     def test_udpPortInUseIsOneLine(self) -> None:
+        """A UDP port already taken stops the server with one line, and the TCP port it opened is closed again."""
         for _ in range(20):  # a UDP port whose TCP twin is free, so the UDP listen is what fails
             taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.addCleanup(taken.close)
@@ -222,6 +235,7 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(service.tcp.ports, [], "the TCP port is closed again")
 
     def test_portInUseIsOneLine(self) -> None:
+        """A TCP port already in use stops the server with one line saying so."""
         service = self.startServer()
         port = service.tcp.ports[0].getHost().port
         options = echotap.Options()

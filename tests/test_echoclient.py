@@ -15,12 +15,10 @@ import tty
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from tcplab.echo.client import (
     MAX_PENDING_BYTES,
@@ -33,7 +31,8 @@ from tcplab.echo.client import (
     UDPEchoClient,
 )
 from tcplab.errors import ConnectionLostError, ExitCode, TimedOut, VerificationFailed
-from tests.support import TCPLAB, ServerProcess, childEnv, runTcplab
+from tcplab.testing import FakeTransport
+from tests.support import TCPLAB, ServerProcess, childEnv, runMain, runTcplab
 
 
 def connectedClient(timeout: float = 5) -> tuple[EchoClient, StringTransport, Clock, list[bytes]]:
@@ -103,16 +102,11 @@ class EchoClientTests(unittest.TestCase):
         self.successResultOf(client.done)
 
 
-@implementer(INegotiated)
-class TLSTransport(StringTransport):
-    """A StringTransport that says it is TLS, as Twisted's TLS wrapper does."""
-
-
 class HandshakeTests(unittest.TestCase):
-    def connect(self, timeout: float = 2) -> tuple[EchoClient, TLSTransport, Clock]:
+    def connect(self, timeout: float = 2) -> tuple[EchoClient, FakeTransport, Clock]:
         clock = Clock()
         client = EchoClient([].append, clock, timeout)
-        transport = TLSTransport()
+        transport = FakeTransport(tls=True)
         client.makeConnection(transport)
         return client, transport, clock
 
@@ -426,28 +420,34 @@ class CommandTests(unittest.TestCase):
         self.addCleanup(self.server.stop)
 
     def test_messagesComeBack(self) -> None:
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello", "wörld")
+        """``tcplab echo hello wörld`` prints both lines back, exit 0, nothing on stderr."""
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello", "wörld")
         self.assertEqual((result.returncode, result.stdout), (0, "hello\nwörld\n".encode()))
         self.assertEqual(result.stderr, b"")
 
     def test_stdinLinesComeBack(self) -> None:
+        """2000 lines piped on stdin, NUL and 0xff bytes included, come back byte for byte."""
         data = b"".join(b"line %d \x00\xff\n" % i for i in range(2000))
         result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), input=data)
         self.assertEqual((result.returncode, result.stdout), (0, data))
 
     def test_firstContactIsLogged(self) -> None:
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello")
+        """The server logs the client's connection and, at its end, how many bytes it echoed."""
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(self.server.port), "hello")
         self.assertEqual(result.returncode, 0)
         log = self.server.stop()
         self.assertRegex(log, r"connection from 127\.0\.0\.1:\d+")
         self.assertRegex(log, r"127\.0\.0\.1:\d+ disconnected, 6 bytes echoed")
 
     def test_udp(self) -> None:
+        """``tcplab echo --udp ping pong`` prints both datagrams' echoes, exit 0."""
+        # A child process, as the UDP port may be bound a moment after the "starting on" line the test waits for.
         result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port), "ping", "pong")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), [b"ping", b"pong"])
 
     def test_udpLinesFromStdin(self) -> None:
+        """With --udp, each line read from stdin goes as one datagram and comes back."""
         result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(self.server.port),
                            input=b"one\ntwo\n")
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -456,7 +456,7 @@ class CommandTests(unittest.TestCase):
     def test_udpTruncatedReplyExits9(self) -> None:
         """``echo --udp`` of 10000 bytes to a server that returns 8192 of them: exit 9 and one line."""
         with UDPEcho(limit=8192) as port:
-            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "x" * 10000)
+            result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "x" * 10000)
         self.assertEqual(result.returncode, ExitCode.VERIFY, result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
         self.assertIn(b"truncated: 8192 of 10000 bytes", result.stderr)
@@ -464,32 +464,35 @@ class CommandTests(unittest.TestCase):
     def test_udpLargestDatagram(self) -> None:
         """A 65507-byte message goes as one datagram and its whole echo is read; one byte more is exit 2."""
         with UDPEcho() as port:
-            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65507)
+            result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65507)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertEqual(result.stdout, b"y" * 65507 + b"\n")
-            result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65508)
+            result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "y" * 65508)
         self.assertEqual(result.returncode, ExitCode.USAGE, result.stderr)
         self.assertIn(b"at most 65507 bytes", result.stderr)
 
     def test_udpRefused(self) -> None:
+        """--udp to a port nobody listens on is exit 3 with "UDP echo refused", not a timeout."""
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        result = runTcplab("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5", "hi")
+        result = runMain("echo", "--udp", "--host", "127.0.0.1", "--port", str(port), "--timeout", "5", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT, result.stderr)
         self.assertIn(b"UDP echo refused", result.stderr)
 
     def test_refused(self) -> None:
+        """A TCP port nobody listens on is exit 3 with one line saying the connection was refused."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT)
         self.assertEqual(result.stderr.count(b"\n"), 1)
         self.assertIn(b"refused", result.stderr)
 
     def test_unknownHost(self) -> None:
-        result = runTcplab("echo", "--host", "no-such-host.invalid", "hi")
+        """A host name that does not resolve is exit 3, "cannot resolve", and no traceback."""
+        result = runMain("echo", "--host", "no-such-host.invalid", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT)
         self.assertIn(b"cannot resolve", result.stderr)
         self.assertNotIn(b"Traceback", result.stderr)
@@ -500,7 +503,7 @@ class CommandTests(unittest.TestCase):
             silent.bind(("127.0.0.1", 0))
             silent.listen()
             port = silent.getsockname()[1]
-            result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
+            result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
         self.assertEqual(result.returncode, ExitCode.TIMEOUT)
         self.assertIn(b"no echo for 0.5s", result.stderr)
 
@@ -510,7 +513,7 @@ class CommandTests(unittest.TestCase):
             silent.bind(("127.0.0.1", 0))
             silent.listen()
             port = silent.getsockname()[1]
-            result = runTcplab("echo", "--tls", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
+            result = runMain("echo", "--tls", "--host", "127.0.0.1", "--port", str(port), "--timeout", "0.5", "hi")
         self.assertEqual(result.returncode, ExitCode.CONNECT, result.stderr)
         self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
         self.assertIn(b"TLS handshake", result.stderr)
@@ -558,7 +561,7 @@ class CommandTests(unittest.TestCase):
     def test_pipedOutputIsByteExact(self) -> None:
         """Into a pipe, what the server sends is passed on byte for byte, escapes and all."""
         port, thread, _ = self.hostileServer()
-        result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+        result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
         thread.join(5)
         self.assertEqual((result.returncode, result.stdout), (0, HOSTILE + b"hi\n"))
 
@@ -574,7 +577,7 @@ class CommandTests(unittest.TestCase):
 
             thread = threading.Thread(target=hangUp, daemon=True)
             thread.start()
-            result = runTcplab("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
+            result = runMain("echo", "--host", "127.0.0.1", "--port", str(port), "hi")
             thread.join(5)
         self.assertEqual(result.returncode, ExitCode.LOST)
         self.assertIn(b"closed the connection", result.stderr)
@@ -598,12 +601,14 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(err, b"tcplab: interrupted\n")
 
     def test_usageErrors(self) -> None:
+        """A bad option, a bad value, no command or an unknown one: exit 2 and one line each."""
         for argv in (["echo", "--port", "nope"], ["echo", "--bogus"], [], ["frobnicate"]):
-            result = runTcplab(*argv)
+            result = runMain(*argv)
             self.assertEqual(result.returncode, ExitCode.USAGE, argv)
             self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
 
     def test_version(self) -> None:
-        result = runTcplab("--version")
+        """``tcplab --version`` prints tcplab's version and exits 0."""
+        result = runMain("--version")
         self.assertEqual(result.returncode, 0)
         self.assertTrue(result.stdout.startswith(b"tcplab "))

@@ -30,6 +30,7 @@ from tcplab.file.store import FileStore, synchronous
 from tcplab.file.wire import MAX_HEADER, MAX_TRAILER, Clash, Err, Ok, formatPut, formatStat, formatTrailer, parseReply
 from tcplab.multi.hub import HubClient, HubConfig, MultiHub
 from tcplab.multi.wire import NICK
+from tcplab.testing import FakeTransport
 
 FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -232,33 +233,14 @@ _UNSAFE_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u00a0\u00ad\u061c\u200b-
 _OTHER = re.compile(rb"<([^>\n]+)> (.*)")
 
 
-class FlowTransport(StringTransport):
-    """Pauses its producer past ``BUFFER`` unsent bytes, as real transports do; ``drain`` is the peer reading."""
-
-    def __init__(self, peer: IPv4Address) -> None:
-        super().__init__(peerAddress=peer)
-        self.unsent = 0
-        self.closedAt: int | None = None
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.unsent += len(data)
-        if self.producer is not None and self.unsent > BUFFER:
-            self.producer.pauseProducing()
-
-    def drain(self) -> None:
-        self.unsent = 0
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-
 class Peer:
     """A fuzzed client: its protocol, transport, and every complete line it sent."""
 
     def __init__(self, hub: MultiHub, port: int) -> None:
         address = IPv4Address("TCP", "127.0.0.1", port)
         self.client: HubClient = hub.buildProtocol(address)
-        self.transport = FlowTransport(address)
+        self.transport = FakeTransport(address, BUFFER)
+        self.closedAt: int | None = None  # how much was written when the hub began closing
         self.client.makeConnection(self.transport)
         self.pending = b""
         self.sent: set[bytes] = set()
@@ -320,11 +302,11 @@ class MultiProtocolFuzzTests(SynchronousTestCase):
                 self.assertLessEqual(client.queue.offered, SEND_QUEUE)
             if peer.gone:
                 continue
-            if client.closing and peer.transport.closedAt is None:
+            if client.closing and peer.closedAt is None:
                 self.assertTrue(peer.transport.disconnecting, "a client the hub is done with is being closed")
-                peer.transport.closedAt = len(peer.transport.value())
-            elif peer.transport.closedAt is not None:
-                self.assertEqual(len(peer.transport.value()), peer.transport.closedAt, "nothing after the close")
+                peer.closedAt = len(peer.transport.value())
+            elif peer.closedAt is not None:
+                self.assertEqual(len(peer.transport.value()), peer.closedAt, "nothing after the close")
         self.assertEqual(set(hub.names.values()), set(hub.members))
 
     def checkOutput(self, peers: list[Peer]) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -22,38 +22,11 @@ from tcplab.multi.hub import WHO_LIMIT, HubClient, HubConfig, MultiHub
 from tcplab.multi.sendqueue import SendQueue
 from tcplab.multi.wire import parseCommand
 from tcplab.peers import describeAddress
+from tcplab.testing import FakeTransport
 from tests.test_escaping import NAMED
 
-
-class FlowTransport(StringTransport):
-    """A StringTransport that, like Twisted's real ones, pauses its streaming producer once more than
-    ``bufferSize`` bytes wait to be sent, and resumes it when ``drain`` sends them all."""
-
-    def __init__(self, peer: object, bufferSize: int = 1 << 30) -> None:
-        super().__init__(peerAddress=peer)
-        self.bufferSize = bufferSize
-        self.unsent = 0
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-        self.unsent += len(data)
-        if self.producer is not None and self.unsent > self.bufferSize:
-            self.producer.pauseProducing()
-
-    def drain(self) -> None:
-        """The peer read everything."""
-        self.unsent = 0
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    def take(self) -> bytes:
-        """What was written since the last take."""
-        data = self.value()
-        self.clear()
-        self.writes.clear()
-        return data
+#: The producer-aware fake transport, under the name tests/test_backplane.py imports.
+FlowTransport = FakeTransport
 
 
 class Room:

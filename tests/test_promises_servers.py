@@ -13,14 +13,12 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from zope.interface import implementer
 
 from tcplab.echo import tap as echotap
 from tcplab.echo.server import UDPEcho
@@ -29,6 +27,7 @@ from tcplab.file.store import synchronous
 from tcplab.file.wire import formatPut, formatStat, parseReply
 from tcplab.listening import somaxconn
 from tcplab.multi import tap as multitap
+from tcplab.testing import FakeTransport
 from tests.support import scratch
 from tests.test_fileserver import ServerTestCase, sha
 from tests.test_multi import Room
@@ -170,26 +169,12 @@ class FileOptionPromiseTests(SynchronousTestCase):
             self.assertEqual(options["max-size"], size, value)
 
 
-@implementer(IHalfCloseableDescriptor)
-class HalfCloseTransport(StringTransport):
-    """A StringTransport that, like a TCP socket, can shut down its sending side alone."""
-
-    writeClosed = False
-
-    def loseWriteConnection(self) -> None:
-        self.writeClosed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
-
-
 class FilePromiseTests(ServerTestCase):
     def test_errThenFinThenFiveSecondsOfDiscard(self) -> None:
         """After an ERR the server sends nothing more, shuts down its sending side, reads and
         discards what the client still sends for 5 seconds, then closes."""
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = FakeTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(transport)
         protocol.dataReceived(b"PUT 5000000 ../escape\n" + b"x" * 10000)
         self.assertEqual(transport.value().count(b"\n"), 1)
@@ -199,9 +184,9 @@ class FilePromiseTests(ServerTestCase):
         self.clock.advance(4.9)
         protocol.dataReceived(b"y" * 10000 + formatPut(1, "b") + b"b")
         self.assertEqual(transport.value().count(b"\n"), 1, "the ERR stays the last line")
-        self.assertFalse(getattr(transport, "aborted", False), "still draining at 4.9 s")
+        self.assertFalse(transport.aborted, "still draining at 4.9 s")
         self.clock.advance(0.2)
-        self.assertTrue(getattr(transport, "aborted", False), "closed after 5 s")
+        self.assertTrue(transport.aborted, "closed after 5 s")
         protocol.connectionLost(Failure(Exception("closed")))
         self.assertNothingStored()
 

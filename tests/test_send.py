@@ -17,9 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString
 from twisted.internet.interfaces import INegotiated
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -41,7 +42,8 @@ from tcplab.errors import (
 from tcplab.file import tap as filetap
 from tcplab.file.sender import ServerError, Uploader, UploadProtocol, serverCode, unsentBytes
 from tcplab.file.wire import MAX_REPLY, Clash, Err, ErrorCode, Ok, formatErr, formatOk, formatPut, formatTrailer
-from tests.support import scratch
+from tcplab.testing import FakeTransport
+from tests.support import runMain, scratch
 
 LAB_TEXT = b"The lab's important secret.\n" * 100
 
@@ -111,6 +113,7 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(sha(self.stored("received_important_secret_file.txt")), sha(LAB_TEXT))
 
     async def test_severalFilesOneConnection(self) -> None:
+        """Five files sent one after another share one connection and are all stored."""
         uploader = self.uploader()
         contents = {f"f{i}.bin": os.urandom(1000 * i) for i in range(5)}
         for name, data in contents.items():
@@ -120,6 +123,7 @@ class FlowTests(LoopbackTestCase):
             self.assertEqual(self.stored("received_" + name), data)
 
     async def test_recursiveFolder(self) -> None:
+        """A folder sent with -r keeps its sub-folders and non-ASCII names under received_TOP."""
         self.source("top/a.txt", b"a")
         self.source("top/sub/b.txt", b"b")
         self.source("top/sub/deeper/звіт 2025.txt", b"c")
@@ -469,6 +473,13 @@ class FakeServer(Protocol):
 
     mode = "silent"
     seen: Deferred[None] | None = None
+    live: set[FakeServer] = set()
+
+    def connectionMade(self) -> None:
+        self.live.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.live.discard(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self.seen is not None and not self.seen.called:
@@ -485,10 +496,9 @@ class ExitCodeTests(LoopbackTestCase):
     """``python -m tcplab send`` exit statuses: one line on stderr, no traceback, a code that means something."""
 
     async def run_(self, *args: str, env: dict[str, str] | None = None, lines: int = 1) -> tuple[str, str, int]:
-        environ = {k: v for k, v in os.environ.items() if k != "TCPLAB_TOKEN"}
-        environ.update(env or {})
-        out, err, code = await getProcessOutputAndValue(sys.executable, ["-m", "tcplab", "send", *args],
-                                                        env=environ, path=self.src)
+        # In-process on a reactor of its own, in a thread, while this reactor serves the upload.
+        result = await deferToThread(runMain, "send", *args, cwd=self.src, env={"TCPLAB_TOKEN": None, **(env or {})})
+        out, err, code = result.stdout, result.stderr, result.returncode
         text = err.decode()
         self.assertNotIn("Traceback", text)
         self.assertLessEqual(text.count("\n"), lines, text)
@@ -498,9 +508,19 @@ class ExitCodeTests(LoopbackTestCase):
         FakeServer.mode = mode
         port = reactor.listenTCP(0, Factory.forProtocol(FakeServer), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        self.addCleanup(self.fakeGone)
         return port.getHost().port  # type: ignore[no-any-return]
 
+    async def fakeGone(self) -> None:
+        """Wait (bounded) until the fake server has seen the in-process client's connection close."""
+        for _ in range(500):
+            if not FakeServer.live:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("the fake server kept a connection open")
+
     async def test_ok(self) -> None:
+        """``tcplab send important_secret_file.txt`` exits 0 and prints the stored name and its SHA256."""
         self.source("important_secret_file.txt", LAB_TEXT)
         out, err, code = await self.run_("--port", str(self.port), "important_secret_file.txt")
         self.assertEqual((code, err), (0, ""))
@@ -509,6 +529,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(self.stored("received_important_secret_file.txt"), LAB_TEXT)
 
     async def test_usage(self) -> None:
+        """No FILE, or an unknown option, is exit 2 with a line naming what is missing."""
         _, err, code = await self.run_("--port", str(self.port))
         self.assertEqual(code, 2)
         self.assertIn("FILE", err)
@@ -713,7 +734,7 @@ class ClientProtocolTests(SynchronousTestCase):
 
     def test_errorStopsTheBody(self) -> None:
         """An ERR while the body is going out: stop reading the file, fail, drop the connection."""
-        transport = self.reconnect(PausingTransport())
+        transport = self.reconnect(FakeTransport(bufferSize=0))
         d = self.put()
         producer = transport.producer
         sent = len(transport.value())
@@ -870,7 +891,7 @@ class ClientProtocolTests(SynchronousTestCase):
 
     def test_okBeforeTheBodyEnds(self) -> None:
         """A server that answers before it has the whole file is not believed."""
-        self.reconnect(PausingTransport())
+        self.reconnect(FakeTransport(bufferSize=0))
         d = self.put()
         self.client.dataReceived(formatOk(11, sha(b"hello world"), "received_h"))
         self.failureResultOf(d, RefusedByServer)
@@ -878,15 +899,6 @@ class ClientProtocolTests(SynchronousTestCase):
     def test_unaskedErrorMakesConnectionUnusable(self) -> None:
         self.client.dataReceived(formatErr(ErrorCode.TIMEOUT, "idle"))
         self.assertFalse(self.client.usable)
-
-
-class PausingTransport(StringTransport):
-    """Pauses its producer after every write, like a real transport with a full buffer."""
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        if self.producer is not None:
-            self.producer.pauseProducing()
 
 
 def split(items: list[Item | LocalFileError]) -> tuple[list[str], list[str]]:

@@ -255,3 +255,28 @@ class FilePageTests(TestCase):
         with open(path, "wb") as f:
             f.write(b"hello\n")
         self.assertIn("stored as received_a.txt", self.pick(path))
+
+
+class EchoPageTests(TestCase):
+    """tcplab-echo's page: the live view alone, watching connections come and go."""
+
+    def setUp(self) -> None:
+        self.driver = browser(self)
+        self.server = WebServer("tcplab-echo")
+        self.addCleanup(self.server.stop)
+
+    def test_liveViewShowsConnections(self) -> None:
+        """While five TCP clients are connected the page says 5 connected, and 0 once they are gone."""
+        self.driver.get(self.server.url)
+        shown = lambda: self.driver.find_element("id", "live-connections").text  # noqa: E731
+        waitFor(lambda: shown() == "0", "the live view's first figures")
+        clients = [socket.create_connection(("127.0.0.1", self.server.port), timeout=10) for _ in range(5)]
+        try:
+            for client in clients:
+                client.sendall(b"x" * 4096)
+            waitFor(lambda: shown() == "5", "5 connected in the page")
+            self.driver.save_screenshot(os.path.join(SHOTS, "web-echo.png"))
+        finally:
+            for client in clients:
+                client.close()
+        waitFor(lambda: shown() == "0", "0 connected once the clients left")

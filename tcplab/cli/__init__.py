@@ -21,7 +21,9 @@ except ImportError:  # pragma: no cover - not CPython
 TYPE_CHECKING = False  # typing itself takes a while to import: not before the handler is in place
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import Any, NoReturn
+    from typing import Any, NoReturn, TextIO
+
+    from tcplab.interfaces import IReactor
 
 #: name -> (module holding ``Options`` and ``run``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,11 +63,34 @@ def _stillInterrupted() -> None:
     """A Ctrl-C once the reactor is done: the exit status says so (130), nothing else to stop."""
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of the ``tcplab`` console script and ``python -m tcplab``."""
-    signal.signal(signal.SIGINT, _interrupt)
+def main(argv: Sequence[str] | None = None, reactor: Any = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> NoReturn:
+    """Entry point of the ``tcplab`` console script and ``python -m tcplab``: exits with the command's status.
+
+    ``reactor`` (a fresh, not yet running one; default: the global reactor) and ``stdout`` /
+    ``stderr`` (text streams; a command's bytes go to ``stdout.buffer``) let a test run the
+    command in-process (even in a thread of its own) and read its exit status and output.  Given
+    a reactor, Ctrl-C is left to the caller: no SIGINT handler is installed.
+    """
+    if reactor is None:
+        signal.signal(signal.SIGINT, _interrupt)
+        code = _guarded(argv, None)
+    else:
+        global _interrupted, _onInterrupt
+        _interrupted, _onInterrupt = False, None
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            with _redirected(stdout, stderr):
+                code = _guarded(argv, reactor)
+        finally:
+            if signal.getsignal(signal.SIGINT) is not previous:
+                signal.signal(signal.SIGINT, previous)
+    sys.exit(code)
+
+
+def _guarded(argv: Sequence[str] | None, reactor: Any) -> int:
     try:
-        code = _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(list(sys.argv[1:] if argv is None else argv), reactor)
     except KeyboardInterrupt:
         code = INTERRUPTED
     except BrokenPipeError:  # ``tcplab echo --help | head -1``
@@ -77,10 +102,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = INTERRUPTED
     if code == INTERRUPTED:
         _message("tcplab: interrupted")
-    sys.exit(code)
+    return code
 
 
-def _main(args: list[str]) -> int:
+class _redirected:
+    """``sys.stdout`` / ``sys.stderr`` swapped for the given streams while a command runs in-process."""
+
+    def __init__(self, stdout: TextIO | None, stderr: TextIO | None) -> None:
+        self.streams = (stdout, stderr)
+
+    def __enter__(self) -> None:
+        self.saved = (sys.stdout, sys.stderr)
+        sys.stdout = self.streams[0] or sys.stdout
+        sys.stderr = self.streams[1] or sys.stderr
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self.saved
+
+
+def _main(args: list[str], reactor: Any = None) -> int:
     import argparse
     import importlib
 
@@ -110,15 +150,16 @@ def _main(args: list[str]) -> int:
         return int(ExitCode.USAGE)
     except SystemExit as e:  # --help, --version
         return int(e.code or 0)
-    return _runCommand(module.run, options)
+    return _runCommand(module.run, options, reactor)
 
 
-def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
-    """Run one command on the reactor; the first way it ends decides the exit status."""
+def _runCommand(run: Callable[[Any, Any], Any], options: Any, reactor: IReactor | None = None) -> int:
+    """Run one command on the reactor (the global one unless a test passes its own); the first way
+    it ends decides the exit status."""
     global _onInterrupt
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.error import ReactorNotRunning
-    from twisted.logger import ILogObserver, LogLevel, globalLogBeginner
+    from twisted.logger import ILogObserver, LogLevel, globalLogBeginner, globalLogPublisher
     from twisted.python.failure import Failure
     from zope.interface import provider
 
@@ -126,7 +167,8 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
     from tcplab.errors import ExitCode
     from tcplab.interfaces import globalReactor
 
-    reactor = globalReactor()
+    inProcess = reactor is not None
+    running = globalReactor() if reactor is None else reactor
 
     outcome: list[int] = []
 
@@ -134,7 +176,7 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
         if not outcome:
             outcome.append(code)
         try:
-            reactor.stop()
+            running.stop()
         except ReactorNotRunning:
             pass
 
@@ -155,12 +197,20 @@ def _runCommand(run: Callable[[Any, Any], Any], options: Any) -> int:
         finish(_exitFor(failure))
 
     common.whenOutputGone = lambda: finish(int(ExitCode.BROKEN_PIPE))
-    globalLogBeginner.beginLoggingTo([unhandled], discardBuffer=True, redirectStandardIO=False)
-    _onInterrupt = lambda: reactor.callFromThread(finish, INTERRUPTED)  # noqa: E731
-    reactor.callWhenRunning(lambda: ensureDeferred(run(reactor, options)).addBoth(ended))
+    if inProcess:  # someone else (a test runner) owns logging: listen in, and leave again after
+        globalLogPublisher.addObserver(unhandled)
+    else:
+        globalLogBeginner.beginLoggingTo([unhandled], discardBuffer=True, redirectStandardIO=False)
+    _onInterrupt = lambda: running.callFromThread(finish, INTERRUPTED)  # noqa: E731
+    running.callWhenRunning(lambda: ensureDeferred(run(running, options)).addBoth(ended))
     if _interrupted:
         return INTERRUPTED
-    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # IReactorCore.run names no arguments
+    try:
+        running.run(installSignalHandlers=False)  # type: ignore[call-arg]  # IReactorCore.run names no arguments
+    finally:
+        if inProcess:
+            globalLogPublisher.removeObserver(unhandled)
+            common.whenOutputGone = None
     _onInterrupt = _stillInterrupted
     return INTERRUPTED if _interrupted else outcome[0] if outcome else int(ExitCode.FAILURE)
 

@@ -29,6 +29,8 @@ class Options(ServerOptions):
         ["udp-burst", None, "200", "UDP replies a source may get in one burst."],
         ["idle-timeout", None, "0", "Close a TCP connection that neither sends nor reads its echoes for this "
          "many seconds (0: never)."],
+        ["web", None, None, "ENDPOINT (e.g. tcp:8007:interface=127.0.0.1) for a page with a live view of the "
+         "connections and bytes per second."],
     ]
 
     def postOptions(self) -> None:
@@ -54,6 +56,10 @@ class EchoService(service.MultiService):
         self.tcp.setServiceParent(self)
         self.udp: UDPEcho | None = None
         self.udpPort: IListeningPort | None = None
+        if options["web"]:
+            from tcplab.echo.web import webService
+
+            webService(options["web"], self.factory, self.reactor).setServiceParent(self)
         if options["metrics"]:
             from tcplab.metrics import MetricsService
 

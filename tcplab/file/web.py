@@ -17,9 +17,10 @@ from tcplab.web import StreamingWebSocketFactory, webSite
 
 
 def fileCounters(factory: FileReceiverFactory, sockets: StreamingWebSocketFactory) -> dict[str, Any]:
-    """The live view's numbers: the receiver factory's counts, and the bytes browsers sent."""
+    """The live view's numbers, from the counters the log and ``--metrics`` read: connections, files
+    stored and refused, bytes received over TCP and from browsers alike."""
     return {"connections": factory.connections, "stored": factory.stored, "refused": factory.refused,
-            "bytesIn": sockets.bytesIn, "token": factory.token is not None, "maxSize": factory.maxSize}
+            "bytesIn": factory.counters.received, "token": factory.token is not None, "maxSize": factory.maxSize}
 
 
 def fileSite(factory: FileReceiverFactory) -> Site:
