@@ -1,5 +1,5 @@
 try:  # the C module: ``signal`` builds enums on import, which takes longer than Ctrl-C may wait
-    import _signal as signal  # type: ignore[import-not-found]
+    import _signal as signal  # type: ignore[import-not-found]  # typeshed has no stub for the C module
 except ImportError:  # pragma: no cover - not CPython
     import signal
 

@@ -34,6 +34,8 @@ class TcplabError(Exception):
     """An error the user should read as one line; ``code`` is the exit status."""
 
     code = ExitCode.FAILURE
+    #: The ERR code of the server reply this error stands for, if any (set by ``tcplab send``).
+    serverCode: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -7,7 +7,7 @@ import resource
 import socket
 import stat
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -25,10 +25,11 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamServerEndpoint,
     ITransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -40,7 +41,7 @@ from twisted.python.systemd import ListenFDs
 from zope.interface import directlyProvides, implementer, providedBy
 
 from tcplab.coerce import intOption
-from tcplab.interfaces import IReactor, globalReactor
+from tcplab.interfaces import IReactor, StreamTransport, globalReactor
 
 log = Logger()
 
@@ -377,7 +378,7 @@ def _systemdSockets() -> ListenFDs:
 INHERITED = _systemdSockets()
 
 
-def _systemdEndpoint(reactor: Any, kwargs: dict[str, str], fds: ListenFDs | None = None) -> IStreamServerEndpoint:
+def _systemdEndpoint(reactor: IReactor, kwargs: dict[str, str], fds: ListenFDs | None = None) -> IStreamServerEndpoint:
     """Adopt a socket systemd passed, or say in one line why it is not there (Twisted says
     "list index out of range")."""
     fds = INHERITED if fds is None else fds
@@ -427,9 +428,11 @@ class ProxiedProtocol(HAProxyProtocolWrapper):
     """
 
     factory: ProxiedFactory
+    transport: StreamTransport
 
     def __init__(self, factory: ProxiedFactory, wrappedProtocol: IProtocol) -> None:
-        super().__init__(factory, wrappedProtocol)
+        # Twisted wants a WrappingFactory[Self]; HAProxyWrappingFactory is not generic over its protocol.
+        super().__init__(factory, wrappedProtocol)  # type: ignore[arg-type]
         self._head = b""
         self._connected = False
         self._timer: IDelayedCall | None = None
@@ -442,7 +445,7 @@ class ProxiedProtocol(HAProxyProtocolWrapper):
 
     def _noHeader(self) -> None:
         self._timer = None
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._connected:
@@ -473,21 +476,22 @@ class ProxiedProtocol(HAProxyProtocolWrapper):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.wrappedProtocol.makeConnection(self)
+        # It is the wrapped protocol's transport: it provides the real one's interfaces (makeConnection).
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if remaining and self.wrappedProtocol is not None:
             self.wrappedProtocol.dataReceived(remaining)
 
     def readConnectionLost(self) -> None:
         if self._connected and IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.readConnectionLost()  # type: ignore[attr-defined]
+            self.wrappedProtocol.readConnectionLost()
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         if self._connected and IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.writeConnectionLost()  # type: ignore[attr-defined]
+            self.wrappedProtocol.writeConnectionLost()
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -500,10 +504,10 @@ class ProxiedProtocol(HAProxyProtocolWrapper):
 class ProxiedFactory(HAProxyWrappingFactory):
     """Wraps each connection in a :class:`ProxiedProtocol`."""
 
-    protocol = ProxiedProtocol  # type: ignore[assignment]
+    protocol = ProxiedProtocol  # type: ignore[assignment]  # it takes a ProxiedFactory, not any wrapping factory
     noisy = False
 
-    def __init__(self, wrappedFactory: IProtocolFactory, clock: Any) -> None:
+    def __init__(self, wrappedFactory: IProtocolFactory, clock: IReactorTime) -> None:
         super().__init__(wrappedFactory)
         self.clock = clock
 
@@ -513,7 +517,7 @@ class ProxiedEndpoint:
     """An endpoint whose connections start with a PROXY header (v1 or v2, as HAProxy's
     ``send-proxy`` and ``send-proxy-v2`` send): the server sees the address it reports."""
 
-    def __init__(self, inner: IStreamServerEndpoint, clock: Any) -> None:
+    def __init__(self, inner: IStreamServerEndpoint, clock: IReactorTime) -> None:
         self.inner = inner
         self.clock = clock
 

@@ -9,7 +9,6 @@ small fixed sets (reasons, error codes), never from peers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -18,6 +17,7 @@ from twisted.python.threadable import isInIOThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.listening import ListeningService
 
 #: One sample: (name without ``tcplab_``, kind ``counter`` or ``gauge``, help, {label tuple: value}).
@@ -38,7 +38,7 @@ class SnapshotCollector(Collector):
     """Reads ``snapshot()`` in the reactor thread (the WSGI scrape runs in a worker thread, and
     the servers' counters are only ever touched by the reactor), and turns it into metric families."""
 
-    def __init__(self, snapshot: Callable[[], Iterable[Family]], reactor: Any) -> None:
+    def __init__(self, snapshot: Callable[[], Iterable[Family]], reactor: IReactor) -> None:
         self.snapshot = snapshot
         self.reactor = reactor
 
@@ -87,11 +87,9 @@ class MetricsService(ListeningService):
     """Serves one server's metrics on ``--metrics ENDPOINT``; ``registry`` is its own (not the global
     one), so several servers in one process, as in tests, never mix."""
 
-    def __init__(self, description: str, snapshot: Callable[[], Iterable[Family]], reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as defaultReactor
-
-            reactor = defaultReactor
+    def __init__(self, description: str, snapshot: Callable[[], Iterable[Family]],
+                 reactor: IReactor | None = None) -> None:
+        reactor = globalReactor() if reactor is None else reactor
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot, reactor))
         super().__init__([description], metricsSite(self.registry), reactor)

@@ -9,10 +9,12 @@ reach the text log. Callers pass only what a record should hold: peers already e
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import IO, TypeVar
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     Logger,
@@ -21,13 +23,21 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from tcplab.interfaces import globalReactor
+
+_T = TypeVar("_T")
+
 NAMESPACE = "tcplab.usage"
 #: Kept from Twisted's own event keys: when the record was written (``log_time``: the end), and whose it is.
 _KEPT = frozenset({"log_time", "log_namespace"})
 
 
-def _onlyUsage(event: LogEvent) -> PredicateResult:
-    return PredicateResult.maybe if event.get("log_namespace") == NAMESPACE else PredicateResult.no
+@implementer(ILogFilterPredicate)
+class _OnlyUsage:
+    """Lets only this module's records through to the usage file."""
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
+        return PredicateResult.maybe if event.get("log_namespace") == NAMESPACE else PredicateResult.no
 
 
 @implementer(ILogObserver)
@@ -44,13 +54,11 @@ class _Plain:
 class UsageLog:
     """Appends one JSON record per finished connection or upload to ``path``."""
 
-    def __init__(self, path: str, server: str, clock: Any = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+    def __init__(self, path: str, server: str, clock: IReactorTime | None = None) -> None:
+        self.clock: IReactorTime = globalReactor() if clock is None else clock
         self.server = server
         self._file: IO[str] = open(path, "a", encoding="utf-8")
-        observer = FilteringLogObserver(_Plain(jsonFileLogObserver(self._file, recordSeparator="")), [_onlyUsage])
+        observer = FilteringLogObserver(_Plain(jsonFileLogObserver(self._file, recordSeparator="")), [_OnlyUsage()])
         self.log = Logger(namespace=NAMESPACE, observer=observer)
 
     def now(self) -> float:
@@ -76,4 +84,9 @@ class UsageLog:
 
     def close(self) -> None:
         self._file.close()
+
+    def closeAfter(self, result: _T) -> _T:
+        """Close, and pass ``result`` on: the last step of a service's ``stopService``."""
+        self.close()
+        return result
 

@@ -15,7 +15,7 @@ page's own (a page elsewhere cannot use a visitor's browser to reach a server on
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.resources import files
 from typing import Any
 
@@ -23,12 +23,22 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IProtocolFactory, IPushProducer, ISSLTransport, ITransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IProducer,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    ISSLTransport,
+    ITransport,
+)
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
+
+from tcplab.interfaces import StreamTransport
 
 #: Headers on every page and asset: only this origin's scripts, styles and WebSocket; never framed.
 SECURITY_HEADERS = {
@@ -71,7 +81,7 @@ class WebSocketTransport:
             data = data.decode("utf-8", "replace").encode("utf-8")
         self.socket.sendMessage(data, isBinary=self.binary)
 
-    def writeSequence(self, data: Any) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -85,13 +95,13 @@ class WebSocketTransport:
         self.disconnecting = True
         self.socket.transport.abortConnection()
 
-    def getPeer(self) -> Any:
+    def getPeer(self) -> IAddress:
         return self.socket.transport.getPeer()
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress:
         return self.socket.transport.getHost()
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.socket.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
@@ -114,10 +124,11 @@ class StreamingWebSocket(WebSocketServerProtocol):
     the end of each message is a line end."""
 
     factory: StreamingWebSocketFactory
+    transport: StreamTransport
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner: Protocol | None = None
+        self.inner: IProtocol | None = None
         self.adapter: WebSocketTransport | None = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
@@ -167,7 +178,8 @@ class StreamingWebSocketFactory(WebSocketServerFactory):
     """Browser connections for ``inner`` (the wing's own protocol factory), in line mode (text messages are
     lines: the hub) or byte mode (every payload byte as is: the file drop)."""
 
-    protocol = StreamingWebSocket
+    # autobahn's factory is a Factory[_ProtoWithFactory]: through it, Twisted's generic Factory cannot name ours.
+    protocol = StreamingWebSocket  # type: ignore[assignment]
 
     def __init__(self, inner: IProtocolFactory, lineMode: bool) -> None:
         super().__init__(server="tcplab")
@@ -192,11 +204,11 @@ class Asset(Resource):
         self.body = body
         self.contentType = contentType
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         self.render_HEAD(request)
         return self.body
 
-    def render_HEAD(self, request: Any) -> bytes:
+    def render_HEAD(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", self.contentType)
         for key, value in SECURITY_HEADERS.items():
             request.setHeader(key, value)
@@ -212,7 +224,7 @@ class Counters(Resource):
         super().__init__()
         self.read = read
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         for key, value in SECURITY_HEADERS.items():
             request.setHeader(key, value)

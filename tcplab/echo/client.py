@@ -12,8 +12,15 @@ from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, INegotiated, IPushProducer, IReactorTime
-from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    INegotiated,
+    IPushProducer,
+    IReactorTime,
+    IUDPTransport,
+)
+from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,6 +33,7 @@ from tcplab.errors import (
     tlsFailure,
 )
 from tcplab.escaping import showable
+from tcplab.interfaces import StreamTransport
 
 Output = Callable[[bytes], None]
 
@@ -149,6 +157,8 @@ class EchoClient(Protocol):
     ``done`` once input has ended and every line sent has come back. Over TLS, a handshake
     that does not finish within ``timeout`` fails it too (in a chat, before any input ends)."""
 
+    transport: StreamTransport
+
     def __init__(self, output: Output, clock: IReactorTime, timeout: float,
                  notice: Callable[[str], None] | None = None) -> None:
         self.output = output
@@ -242,7 +252,7 @@ class EchoClient(Protocol):
                 self.input.release("echoes due")
         self._check(progress=bool(block) or not self._lines.overlong)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelTimer()
         self._cancelHandshakeTimer()
         if not self.done.called:
@@ -296,7 +306,7 @@ class InputLines(Protocol):
         if block:
             self.client.sendLines(block[:-1].split(b"\n"))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         rest = self._lines.flush()
         if rest:
             self.client.sendLine(rest)
@@ -308,6 +318,8 @@ class UDPEchoClient(DatagramProtocol):
     each has come back, byte for byte (UDP may reorder and duplicate: order is free, a
     duplicate is ignored). A reply that is not one of the messages due, e.g. one cut short
     by a server's receive buffer, fails ``done`` with VerificationFailed."""
+
+    transport: IUDPTransport
 
     def __init__(self, messages: list[bytes], output: Output, clock: IReactorTime, timeout: float) -> None:
         self.messages = messages
@@ -322,12 +334,13 @@ class UDPEchoClient(DatagramProtocol):
     def send(self) -> None:
         """Send every message; call once the transport is connected to the server."""
         for message in self.messages:
-            self.transport.write(message)
+            # Connected, the port writes to its one address: IUDPTransport has no such write.
+            self.transport.write(message)  # type: ignore[call-arg]
         self._timer = self.clock.callLater(self.timeout, self._timedOut)
         if not self.messages:
             self._finish()
 
-    def datagramReceived(self, datagram: bytes, addr: object) -> None:  # type: ignore[override]
+    def datagramReceived(self, datagram: bytes, addr: object) -> None:
         if self.done.called:
             return
         if self.due[datagram] <= 0:

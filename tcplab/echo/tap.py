@@ -86,7 +86,7 @@ class EchoService(service.MultiService):
         if not self.options["udp"]:
             return
         host = self.tcp.ports[0].getHost()
-        port, interface = host.port, host.host  # type: ignore[attr-defined]
+        port, interface = host.port, host.host  # type: ignore[attr-defined]  # a TCP port: an IPv4/IPv6Address
         self.udp = UDPEcho(self.options["udp-rate"], self.options["udp-burst"], self.reactor.seconds)
         try:
             self.udpPort = self.reactor.listenUDP(port, self.udp, interface=interface, maxPacketSize=MAX_DATAGRAM)
@@ -100,7 +100,7 @@ class EchoService(service.MultiService):
             self.udpPort = None
         d = super().stopService()
         if self.usage is not None:
-            d.addBoth(lambda result: (self.usage.close(), result)[1])  # type: ignore[union-attr]
+            d.addBoth(self.usage.closeAfter)
         return d
 
 

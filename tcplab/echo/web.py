@@ -10,6 +10,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tcplab.echo.server import EchoFactory
+from tcplab.interfaces import IReactor
 from tcplab.listening import ListeningService
 from tcplab.web import Counters, pageSite, quietSite
 
@@ -26,5 +27,5 @@ def echoSite(factory: EchoFactory) -> Site:
     return quietSite(root)
 
 
-def webService(description: str, factory: EchoFactory, reactor: object) -> ListeningService:
+def webService(description: str, factory: EchoFactory, reactor: IReactor) -> ListeningService:
     return ListeningService([description], echoSite(factory), reactor)

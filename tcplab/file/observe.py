@@ -100,4 +100,4 @@ class FileCounters:
         started = self._requested.pop(receiver, None)
         if started is None:
             started = self._started.get(receiver, (receiver.factory.clock.seconds(), []))[0]
-        return started  # type: ignore[no-any-return]
+        return started

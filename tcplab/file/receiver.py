@@ -22,7 +22,7 @@ import ipaddress
 from collections.abc import Callable
 from enum import Enum
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -58,6 +58,7 @@ from tcplab.file.wire import (
     parseRequest,
     parseTrailer,
 )
+from tcplab.interfaces import StreamTransport, globalReactor
 from tcplab.peers import describeAddress
 from tcplab.ratelimit import RateLimitedLog
 
@@ -126,7 +127,13 @@ _WAITING = frozenset({State.PREPARING, State.COMMITTING})
 _READING = frozenset({State.HEADER, State.BODY, State.TRAILER})
 
 
-class FileReceiverFactory(Factory):
+if TYPE_CHECKING:  # Factory is generic for the type checker in recent Twisted, not at run time in 23.10
+    _ReceiverFactoryBase = Factory["FileReceiver"]
+else:
+    _ReceiverFactoryBase = Factory
+
+
+class FileReceiverFactory(_ReceiverFactoryBase):
     """Settings shared by every connection, and counters for logs and tests."""
 
     noisy = False
@@ -136,8 +143,6 @@ class FileReceiverFactory(Factory):
                  maxFiles: int = 1000, clock: IReactorTime | None = None, readSize: int = READ_SIZE,
                  linger: float = LINGER_SECONDS, maxConnections: int = 0, maxPerPeer: int = 0,
                  turnAwayLinger: float = TURN_AWAY_LINGER, maxTurningAway: int = MAX_TURNING_AWAY) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.store = store
         self.prefix = prefix
         self.token = token
@@ -145,7 +150,7 @@ class FileReceiverFactory(Factory):
         self.headerTimeout = headerTimeout
         self.idleTimeout = idleTimeout
         self.maxFiles = maxFiles
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = globalReactor() if clock is None else clock
         self.readSize = readSize
         self.linger = linger
         self.maxConnections = maxConnections
@@ -204,6 +209,7 @@ class FileReceiver(LineReceiver):
     """Receives files on one connection, one request at a time (see the module doc)."""
 
     factory: FileReceiverFactory
+    transport: StreamTransport
     delimiter = b"\n"
     MAX_LENGTH = MAX_HEADER - 1  # LineReceiver's limit leaves out the newline
 
@@ -253,6 +259,7 @@ class FileReceiver(LineReceiver):
             return
         self.admitted = True
         if hasattr(type(self.transport), "bufferSize"):
+            # abstract.FileDescriptor's read size (TCP and UNIX), in no interface.
             self.transport.bufferSize = self.factory.readSize  # type: ignore[attr-defined]
         log.debug("connection from {peer}", peer=self.peer)
         self._enter(State.HEADER)
@@ -506,8 +513,9 @@ class FileReceiver(LineReceiver):
                  size=put.size, sha256=sha256)
 
     def _storageError(self, failure: Failure) -> tuple[ErrorCode, str]:
-        if failure.check(StorageError):
-            return failure.value.code, failure.value.message  # type: ignore[union-attr]
+        error = failure.value
+        if isinstance(error, StorageError):
+            return error.code, error.message
         log.failure("unexpected error storing {name} from {peer}", failure, name=self._name(), peer=self.peer)
         return ErrorCode.IO_ERROR, "internal error in the server"
 
@@ -535,7 +543,7 @@ class FileReceiver(LineReceiver):
                           code=str(code), message=message)
         self._refuse(code, message)
 
-    def _refuse(self, code: ErrorCode, message: str, linger: float | None = None) -> None:
+    def _refuse(self, code: ErrorCode | str, message: str, linger: float | None = None) -> None:
         """Send the ERR, then close the way _fail describes."""
         self._enter(State.CLOSING)
         self.transport.write(formatErr(code, message))
@@ -548,13 +556,13 @@ class FileReceiver(LineReceiver):
             # under it would cut that off. Its own close sends the ERR, then close_notify.
             self.transport.loseConnection()
         elif IHalfCloseableDescriptor.providedBy(self.transport):
-            self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+            self.transport.loseWriteConnection()  # type: ignore[attr-defined]  # a TCP or UNIX half-close
         if self.paused:
             self.resumeProducing()
 
     def _lingerOver(self) -> None:
         self._timer = None
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def _setTimer(self, seconds: float, then: Callable[[], None]) -> None:
         self._cancelTimer()

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, INegotiated, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -51,6 +52,7 @@ from tcplab.file.wire import (
     parseReply,
 )
 from tcplab.hashing import hashRange
+from tcplab.interfaces import StreamTransport
 
 #: Bytes read from the file and written to the connection at a time.
 CHUNK_SIZE = 1 << 20
@@ -62,7 +64,7 @@ Progress = Callable[[int], None]
 PROGRESS_CHECK_SECONDS = 1.0
 
 
-def unsentBytes(transport: Any) -> int:
+def unsentBytes(transport: StreamTransport) -> int:
     """:func:`tcplab.flow.unsentBytes`, with 0 for a transport that has no socket under it."""
     return flow.unsentBytes(transport) or 0
 
@@ -94,7 +96,7 @@ class ServerError:
         else:
             kind = cls.classes.get(reply.code, RefusedByServer)
             error = kind(f"{escapeName(name)} not stored: {safeText(reply.message)} ({safeText(reply.code)})")
-        error.serverCode = reply.code  # type: ignore[attr-defined]
+        error.serverCode = reply.code
         return error
 
 
@@ -118,7 +120,7 @@ class BodyProducer:
     """Writes bytes ``start..end`` of ``fd`` to a transport whenever it can take more,
     updating ``hasher`` with each chunk on the way; ``done`` fires at the end."""
 
-    def __init__(self, fd: int, start: int, end: int, hasher: Any, transport: Any, path: str,
+    def __init__(self, fd: int, start: int, end: int, hasher: Any, transport: StreamTransport, path: str,
                  progress: Progress = _noProgress, chunkSize: int = CHUNK_SIZE) -> None:
         self.fd = fd
         self.position = start
@@ -180,11 +182,12 @@ class UploadProtocol(LineOnlyReceiver):
     ``timeout`` counts only time without progress on the wire: bytes reaching the server
     (``unsent`` going down), not bytes handed to the socket."""
 
+    transport: StreamTransport
     delimiter = b"\n"
     MAX_LENGTH = MAX_REPLY
 
     def __init__(self, clock: IReactorTime, timeout: float, chunkSize: int = CHUNK_SIZE,
-                 unsent: Callable[[Any], int] = unsentBytes) -> None:
+                 unsent: Callable[[StreamTransport], int] = unsentBytes) -> None:
         self.clock = clock
         self.timeout = timeout
         self.chunkSize = chunkSize
@@ -218,6 +221,7 @@ class UploadProtocol(LineOnlyReceiver):
             # One chunk per send(), and the producer paused after each chunk: the transport's
             # buffer then only ever holds that one chunk, which it sends without copying it
             # (joining several chunks would copy them all, and cost as much CPU as hashing).
+            # Both are abstract.FileDescriptor's (TCP and UNIX), in no interface.
             transport.bufferSize = self.chunkSize // 2  # type: ignore[attr-defined]
             transport.SEND_LIMIT = self.chunkSize  # type: ignore[attr-defined]
 
@@ -275,8 +279,8 @@ class UploadProtocol(LineOnlyReceiver):
 
     def _bodyFailed(self, failure: Failure) -> None:
         self._producer = None
-        self._fail(failure.value)  # type: ignore[arg-type]
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self._fail(failure)
+        self.transport.abortConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._protocolError("the server sent an overlong line")
@@ -292,7 +296,7 @@ class UploadProtocol(LineOnlyReceiver):
             self._stopBody()
             if self._waiting is not None:
                 self._fail(ServerError.make(reply, self._what))
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
         elif self._waiting is None or not isinstance(reply, self._expect) or self._producer is not None:
             text = safeText(line[:80].decode("utf-8", "replace"))
             self._protocolError(f"the server sent an unexpected reply: {text}")
@@ -305,9 +309,9 @@ class UploadProtocol(LineOnlyReceiver):
         self.broken = True
         self._stopBody()
         self._fail(RefusedByServer(f"{message} (is this a tcplab-file server?)"))
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.isOpen = False
         self._stopBody()
         self._disarm()
@@ -324,7 +328,7 @@ class UploadProtocol(LineOnlyReceiver):
             if self.isOpen:
                 self.transport.unregisterProducer()
 
-    def _fail(self, error: TcplabError) -> None:
+    def _fail(self, error: TcplabError | Failure) -> None:
         self._disarm()
         d, self._waiting = self._waiting, None
         if d is not None:
@@ -367,7 +371,7 @@ class UploadProtocol(LineOnlyReceiver):
         else:
             self._fail(TimedOut(f"no progress for {seconds:g}s while sending {escapeName(self._what)}: "
                                 "is the server overloaded? (--timeout)"))
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
 
 class Uploader:

@@ -196,7 +196,7 @@ class FileService(service.MultiService):
         if not self.factory.connections:
             self.store.close()  # else a commit may still be using it; the process is ending anyway
         if self.usage is not None:
-            d.addBoth(lambda result: (self.usage.close(), result)[1])  # type: ignore[union-attr]
+            d.addBoth(self.usage.closeAfter)
         return d
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.web.server import Site
 
 from tcplab.file.receiver import FileReceiverFactory
+from tcplab.interfaces import IReactor
 from tcplab.listening import ListeningService
 from tcplab.web import StreamingWebSocketFactory, webSite
 
@@ -27,5 +28,5 @@ def fileSite(factory: FileReceiverFactory) -> Site:
     return webSite("tcplab.file", sockets, lambda: fileCounters(factory, sockets))
 
 
-def webService(description: str, factory: FileReceiverFactory, reactor: object) -> ListeningService:
+def webService(description: str, factory: FileReceiverFactory, reactor: IReactor) -> ListeningService:
     return ListeningService([description], fileSite(factory), reactor)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from tcplab.interfaces import globalReactor
 from tcplab.multi.envelope import (
     BYE,
     HELLO,
@@ -96,9 +97,7 @@ class Backplane:
     """
 
     def __init__(self, nodeId: str | None = None, clock: IReactorTime | None = None, ttl: float = 15.0) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = globalReactor() if clock is None else clock
         self.nodeId = nodeId or makeNodeId()
         if NODE_ID.fullmatch(self.nodeId) is None:
             raise ValueError(f"bad node id {self.nodeId!r}")
@@ -314,13 +313,27 @@ class Backplane:
         """For the stats line."""
         return "up"
 
-    def statsFields(self) -> dict[str, int | str]:
+    def statsFields(self) -> BackplaneStatsFields:
         s = self.stats
         return {
             "bpState": self.state(), "bpSent": s.sent, "bpReceived": s.received, "bpDropped": s.dropped,
             "bpDuplicates": s.duplicates, "bpMissed": s.missed, "bpMalformed": s.malformed,
             "bpNodes": sum(not remote.gone for remote in self.remotes.values()), "bpRemoteClients": self.remoteTotal,
         }
+
+
+class BackplaneStatsFields(TypedDict):
+    """The backplane's state and counters, as the stats line and ``--metrics`` read them."""
+
+    bpState: str
+    bpSent: int
+    bpReceived: int
+    bpDropped: int
+    bpDuplicates: int
+    bpMissed: int
+    bpMalformed: int
+    bpNodes: int
+    bpRemoteClients: int
 
 
 #: The backplane's part of the periodic stats line (fields from :meth:`Backplane.statsFields`).

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tcplab.interfaces import IReactor, globalReactor
 from tcplab.multi.backplane import Backplane
 
 log = Logger(namespace="tcplab.multi.backplane")
@@ -104,7 +105,7 @@ def _redisClasses() -> tuple[Any, type, type]:
     imports the reactor, which twistd must have chosen first)."""
     import txredisapi  # a dependency of tcplab; its presence is checked when options are parsed
 
-    class Commands(txredisapi.RedisProtocol):  # type: ignore[misc, name-defined]
+    class Commands(txredisapi.RedisProtocol):
         def connectionMade(self) -> Any:
             self.whenConnected().addCallback(self._tcplabReady)
             return super().connectionMade()
@@ -121,7 +122,7 @@ def _redisClasses() -> tuple[Any, type, type]:
             if backplane is not None:
                 backplane._lost(self, why)
 
-    class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc, name-defined]
+    class Subscriber(txredisapi.SubscriberProtocol):
         def connectionMade(self) -> Any:
             self.whenConnected().addCallback(self._tcplabReady)
             return super().connectionMade()
@@ -171,7 +172,7 @@ class RedisBackplane(Backplane):
         self,
         address: RedisAddress,
         channel: str = "tcplab-multi",
-        reactor: Any = None,
+        reactor: IReactor | None = None,
         ttl: float = 15.0,
         nodeId: str | None = None,
         maxUnanswered: int = MAX_UNANSWERED,
@@ -179,8 +180,7 @@ class RedisBackplane(Backplane):
         initialDelay: float = 1.0,
         maxDelay: float = 10.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = globalReactor() if reactor is None else reactor
         super().__init__(nodeId, reactor, ttl)
         if CHANNEL.fullmatch(channel) is None:
             raise ValueError(f"bad channel name {channel!r}")

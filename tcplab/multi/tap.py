@@ -222,7 +222,7 @@ class HubService(service.MultiService):
             waits.append(self.backplane.stop())
         done = gatherResults(waits).addCallback(lambda _: self.hub.logStats())
         if self.usage is not None:
-            done.addBoth(lambda result: (self.usage.close(), result)[1])  # type: ignore[union-attr]
+            done.addBoth(self.usage.closeAfter)
         return done
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.web.server import Site
 
+from tcplab.interfaces import IReactor
 from tcplab.listening import ListeningService
 from tcplab.multi.hub import MultiHub
 from tcplab.web import StreamingWebSocketFactory, webSite
@@ -24,5 +25,5 @@ def multiSite(hub: MultiHub) -> Site:
     return webSite("tcplab.multi", StreamingWebSocketFactory(hub, lineMode=True), lambda: hubCounters(hub))
 
 
-def webService(description: str, hub: MultiHub, reactor: object) -> ListeningService:
+def webService(description: str, hub: MultiHub, reactor: IReactor) -> ListeningService:
     return ListeningService([description], multiSite(hub), reactor)
