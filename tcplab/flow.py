@@ -8,7 +8,7 @@ import struct
 import termios
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
@@ -134,7 +134,7 @@ class TurnWrites:
     #: Gathered bytes written at once: well under a transport's 64 KiB buffer.
     FLUSH_AT = 16384
 
-    def __init__(self, transport: ITransport, turns: WriteTurns) -> None:
+    def __init__(self, transport: StreamTransport, turns: WriteTurns) -> None:
         self.transport = transport
         self._turns = turns
         self._parts: list[bytes] = []
@@ -169,7 +169,7 @@ class WriteTurns:
         self._nextTurn = getattr(clock, "callFromThread", None)
         self._marked: list[TurnWrites] = []
 
-    def writesFor(self, transport: ITransport) -> ITransport | TurnWrites:
+    def writesFor(self, transport: StreamTransport) -> StreamTransport | TurnWrites:
         if self._nextTurn is None or plainSocket(transport) is None:
             return transport
         return TurnWrites(transport, self)

@@ -35,6 +35,13 @@ class IReactor(
     ``_IReactorCommon``, no reactor declares it (ask for the single interfaces with providedBy)."""
 
 
+class Writes(Protocol):
+    """Anything bytes are written to: a transport, or the writes one turn gathers for it
+    (:class:`tcplab.flow.TurnWrites`)."""
+
+    def write(self, data: bytes) -> None: ...
+
+
 @implementer(ITransport)
 class StreamTransport(Protocol):
     """What tcplab uses of a connected TCP, UNIX or TLS transport: ``ITransport``, plus some of

@@ -52,7 +52,7 @@ SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 9000)
 
 
 @implementer(IHalfCloseableDescriptor)
-class FakeTransport(StringTransport):
+class FakeTransport(StringTransport):  # type: ignore[misc]  # protocols check providedBy, then call loseWriteConnection
     """A ``StringTransport`` that treats its producer and its sending side as a TCP socket does.
 
     - A registered streaming producer is paused once more than ``bufferSize`` bytes wait to be
@@ -123,7 +123,7 @@ class MemoryTransport(iosim.FakeTransport):  # type: ignore[misc]
         self.writeClosed = True
 
 
-class Pump(iosim.IOPump):  # type: ignore[misc]
+class Pump(iosim.IOPump):
     """An ``iosim.IOPump`` that also carries a half-close across once the writer's bytes are delivered.
 
     The peer's protocol gets ``readConnectionLost`` if it is half-closeable, else the whole

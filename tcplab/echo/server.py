@@ -78,7 +78,7 @@ class Echo(Protocol):
         resumes the producer instead of closing; and there is nothing left to read anyway.
         """
         transport = self.transport
-        transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.unregisterProducer()
         if self._socket is not None and not transport.dataBuffer and not transport._tempDataLen:  # type: ignore[attr-defined]
             # Every echo is in the kernel already, which sends it before the FIN: close now, as Twisted
             # closes a protocol that cannot half-close, instead of waiting a turn for the socket to be writable.

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
+
+from tcplab.interfaces import Writes
 
 
 @implementer(IPushProducer)
@@ -31,7 +33,7 @@ class SendQueue:
 
     def __init__(
         self,
-        transport: ITransport,
+        transport: Writes,
         limit: int,
         onFull: Callable[[], None] = lambda: None,
         onDrained: Callable[[], None] = lambda: None,
