@@ -11,6 +11,7 @@ from twisted.trial import reporter, unittest
 
 from tcplab.cli import demo
 from tcplab.echo import tap as echotap
+from tcplab.echo.client import EchoClient
 from tests.support import runTcplab, scratch
 
 
@@ -59,6 +60,8 @@ class DemoFailureTests(unittest.TestCase):
         """A task whose echo comes back wrong fails its step with a message naming the task and shows what the client
         got."""
         self.patch(demo, "echotap", BrokenEchoTap)
+        # The wrong echo never completes, so the step fails at its echo timeout: how long that is is not the point.
+        self.patch(demo, "EchoClient", lambda output, reactor, timeout: EchoClient(output, reactor, 0.3))
         lines: list[str] = []
         d = defer.ensureDeferred(demo.step("Task 1", demo.task1(reactor, lines.append)))
         failure = yield self.assertFailure(d, demo.DemoFailed)

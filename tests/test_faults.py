@@ -257,13 +257,15 @@ class LoopbackFaultTests(TestCase):
 
         disk = Disk(store, errno.ENOSPC, 2 << 20, only=isBig)
         bigSend = ensureDeferred(self.uploader().send(self.source("big.bin", big), "big.bin"))
-        otherSend = ensureDeferred(self.uploader().send(self.source("other.bin", other), "other.bin"))
+        otherUploader = self.uploader()
+        otherSend = ensureDeferred(otherUploader.send(self.source("other.bin", other), "other.bin"))
         with self.assertRaises(RefusedByServer) as caught:
             await bigSend
         self.assertIn("(no-space)", str(caught.exception))
         sent = await otherSend
         self.assertEqual(sent.sha256, sha(other))
         self.assertEqual(disk.failed, 1)
+        await otherUploader.close()
         for _ in range(500):
             if not self.service.factory.connections:
                 break
