@@ -56,6 +56,7 @@ class EnvelopeTests(unittest.TestCase):
     @given(st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True), st.integers(1, (1 << 64) - 1),
            st.lists(frames, max_size=6))
     def test_roundTrip(self, node: str, seq: int, frameList: list[bpwire.Frame]) -> None:
+        """Any node id, sequence number and list of frames decode back to exactly what was encoded."""
         data = bpwire.encodeEnvelope(node, seq,
                                      [bpwire.encodeFrame(f.kind, f.name, f.other, f.payload) for f in frameList])
         self.assertEqual(bpwire.decodeEnvelope(data), bpwire.Envelope(node, seq, tuple(frameList)))
@@ -74,21 +75,27 @@ class EnvelopeTests(unittest.TestCase):
             self.assertEqual(envelope.frames, tuple(frameList[:len(envelope.frames)]))
 
     def test_garbageIsRefused(self) -> None:
+        """Empty, foreign, wrong-version, badly named, truncated, frameless and unknown-kind messages are all refused
+        as BadEnvelope."""
         good = bpwire.encodeEnvelope("n1", 1, [bpwire.encodeFrame(bpwire.LINES, "a", "", b"x\n")])
         for data in (b"", b"hello", b"TLB\x02" + good[4:], good.replace(b"n1", b"n "), good[:-3] + b"Z",
                      bpwire.encodeEnvelope("n1", 0, []), good.replace(b"L\x01a", b"Q\x01a")):
             self.assertRaises(bpwire.BadEnvelope, bpwire.decodeEnvelope, data)
 
     def test_namesAreLimited(self) -> None:
+        """A name longer than the wire format allows is refused when encoding rather than cut."""
         self.assertRaises(ValueError, bpwire.encodeFrame, bpwire.JOIN, "x" * 256)
 
     def test_snapshot(self) -> None:
+        """A presence snapshot round-trips its sequence number and names, empty ones included, and garbage is
+        refused."""
         self.assertEqual(bpwire.decodeSnapshot(bpwire.encodeSnapshot(12, ["alice", "127.0.0.1:5000"])),
                          (12, ["alice", "127.0.0.1:5000"]))
         self.assertEqual(bpwire.decodeSnapshot(bpwire.encodeSnapshot(3, [])), (3, []))
         self.assertRaises(bpwire.BadEnvelope, bpwire.decodeSnapshot, b"x\nalice")
 
     def test_nodeIds(self) -> None:
+        """Every node gets a different id made only of safe characters."""
         ids = {bpwire.makeNodeId() for _ in range(20)}
         self.assertEqual(len(ids), 20)
         for node in ids:
@@ -97,6 +104,8 @@ class EnvelopeTests(unittest.TestCase):
 
 class RedisURLTests(unittest.TestCase):
     def test_good(self) -> None:
+        """Redis URLs with host, port, database, IPv6 and credentials parse to the right address, with defaults
+        filled in and the password never shown."""
         self.assertEqual(bpredis.parseRedisURL("redis://127.0.0.1:6380/2"), bpredis.RedisAddress("127.0.0.1", 6380, 2))
         self.assertEqual(bpredis.parseRedisURL("redis://cache"), bpredis.RedisAddress("cache", 6379, 0))
         self.assertEqual(bpredis.parseRedisURL("redis://[::1]:7000/"), bpredis.RedisAddress("::1", 7000, 0))
@@ -105,6 +114,8 @@ class RedisURLTests(unittest.TestCase):
                          "no password in logs")
 
     def test_bad(self) -> None:
+        """Unsupported schemes, missing hosts, bad ports or databases, query strings and unix URLs are refused with
+        one-line errors."""
         for url in ("http://h:1/0", "rediss://h/0", "redis://:6379/0", "redis://h:port/0", "redis://h/db",
                     "redis://h:99999/0", "redis://h/0?x=1", "unix:///tmp/redis.sock"):
             error = self.assertRaises(ValueError, bpredis.parseRedisURL, url)
@@ -118,6 +129,7 @@ class OptionsTests(unittest.TestCase):
         return options
 
     def test_defaults(self) -> None:
+        """Without --backplane the hub runs alone on an ordinary listener."""
         options = self.parse()
         self.assertIsNone(options["backplane"])
         self.assertFalse(options["reuse-port"])
@@ -126,6 +138,8 @@ class OptionsTests(unittest.TestCase):
         self.assertIsInstance(service.listening, multitap.ListeningService)
 
     def test_backplane(self) -> None:
+        """--backplane, --channel and --presence-ttl give the hub a Redis backplane on that address and channel, and
+        the channel defaults to tcplab-multi."""
         options = self.parse("--backplane", "redis://127.0.0.1:6390/1", "--channel", "room-1", "--presence-ttl", "3")
         self.assertEqual(options["backplane"], bpredis.RedisAddress("127.0.0.1", 6390, 1))
         service = multitap.HubService(options)
@@ -136,6 +150,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(self.parse("--backplane", "redis://h")["channel"], "tcplab-multi")
 
     def test_badValuesAreOneLineErrors(self) -> None:
+        """Bad backplane, channel, reuse-port and presence-ttl options are rejected with one-line usage errors."""
         for argv in (["--backplane", "http://h/0"], ["--channel", "x"],
                      ["--backplane", "redis://h", "--channel", "a b"], ["--reuse-port", "--listen", "tcp:7001"],
                      ["--presence-ttl", "0"]):
@@ -143,11 +158,13 @@ class OptionsTests(unittest.TestCase):
             self.assertNotIn("\n", str(error))
 
     def test_backplaneWithoutTxredisapi(self) -> None:
+        """--backplane without txredisapi installed says which package to install, in one line."""
         self.patch(multitap.importlib.util, "find_spec", lambda name: None)
         error = self.assertRaises(usage.UsageError, self.parse, "--backplane", "redis://h")
         self.assertEqual(str(error), "--backplane needs the txredisapi package: pip install txredisapi")
 
     def test_reusePortListens(self) -> None:
+        """With --reuse-port two hubs can listen on the same address and port."""
         service = multitap.HubService(self.parse("--reuse-port", "--port", "0", "--interface", "127.0.0.1"))
         self.assertIsInstance(service.listening, multitap.ReusePortService)
         service.startService()
@@ -161,6 +178,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(other.listening.ports[0].getHost().port, port.getHost().port)
 
     def test_portTakenWithoutReusePort(self) -> None:
+        """--reuse-port on a port already taken by an ordinary listener fails with one line mentioning --reuse-port."""
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen(1)
@@ -242,6 +260,8 @@ class Cluster:
 
 class ClusterTests(unittest.TestCase):
     def test_lineReachesEveryClientOnceNeverBack(self) -> None:
+        """A line reaches local clients at once and clients on other nodes by the end of the reactor turn, each
+        exactly once, and is never sent back to its own node."""
         cluster = Cluster()
         a1, ta1 = cluster.connect(0)
         _, ta2 = cluster.connect(0)
@@ -256,6 +276,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual((ta2.value(), len(cluster.bus.messages)), (b"", 4), "three joins, one line")
 
     def test_senderOrderAcrossReadsAndNodes(self) -> None:
+        """Each sender's lines arrive on other nodes in the order they were sent, across many reads and three nodes."""
         cluster = Cluster(nodes=3)
         a, _ = cluster.connect(0)
         b, _ = cluster.connect(1)
@@ -288,6 +309,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(len(tb.writes), 0, "take() cleared them")
 
     def test_duplicatesAreDeliveredOnce(self) -> None:
+        """A message the store delivers several times reaches clients once, and the duplicates are counted."""
         cluster = Cluster()
         cluster.bus.copies = 3
         a, _ = cluster.connect(0)
@@ -299,6 +321,7 @@ class ClusterTests(unittest.TestCase):
         self.assertGreaterEqual(cluster.backplane(1).stats.duplicates, 2)
 
     def test_namesWhoAndNoticesAcrossNodes(self) -> None:
+        """Welcomes, joins, renames, name clashes, /who and leaves all count and show clients on every node."""
         cluster = Cluster()
         a, ta = cluster.connect(0)
         ta.take()
@@ -322,6 +345,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(cluster.backplane(0).remoteCount(), 0)
 
     def test_defaultNameTakenElsewhereGetsASuffix(self) -> None:
+        """A default name already in use on another node gets a #1 suffix."""
         cluster = Cluster()
         cluster.connect(0)
         cluster.nextPort -= 1
@@ -329,6 +353,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(client.name, "127.0.0.1:40001#1")
 
     def test_noticeLimitCountsEveryNode(self) -> None:
+        """The join notice limit counts the clients of the whole room, on every node."""
         cluster = Cluster(noticeLimit=2)
         _, ta = cluster.connect(0)
         cluster.connect(1)
@@ -337,6 +362,8 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(cluster.hubs[0].population(), 3)
 
     def test_storeDownLocalClientsStillServedNothingQueued(self) -> None:
+        """While the store is down, clients on the same node still get every line, lines for other nodes are dropped
+        and counted rather than queued, and delivery resumes when it is back."""
         cluster = Cluster()
         a, ta = cluster.connect(0)
         _, ta2 = cluster.connect(0)
@@ -377,6 +404,8 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(cluster.backplane(0).remoteCount(), 1, "the slow one left the room everywhere")
 
     def test_shutdownSaysGoodbyeEverywhere(self) -> None:
+        """A node that shuts down has its clients shown as left on other nodes, and a stale snapshot does not bring
+        them back."""
         cluster = Cluster()
         a, _ = cluster.connect(0)
         a.dataReceived(b"/nick ghost\n")
@@ -392,6 +421,7 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(cluster.backplane(1).remoteCount(), 0, "a stale snapshot does not bring it back")
 
     def test_malformedMessagesAreCountedAndLoggedOnce(self) -> None:
+        """Messages on the channel that are not from tcplab-multi are counted, and logged only once per node."""
         cluster = Cluster()
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
@@ -411,6 +441,8 @@ class PresenceTests(unittest.TestCase):
         return bpwire.encodeEnvelope(node, seq, frames)
 
     def test_snapshotOlderThanEventsIsIgnored(self) -> None:
+        """A presence snapshot older than the events already seen is ignored, a newer one replaces them, and later
+        events apply on top."""
         node = self.node()
         node.received(self.message(1, bpwire.encodeFrame(bpwire.JOIN, "a")))
         node.received(self.message(2, bpwire.encodeFrame(bpwire.JOIN, "b")))
@@ -425,6 +457,7 @@ class PresenceTests(unittest.TestCase):
         self.assertEqual((list(node.remoteNames()), node.isTaken("CAT")), (["a", "Cat"], True))
 
     def test_gapsAreCountedAndAskForPresence(self) -> None:
+        """Missed messages from a node are counted and make the hub read that node's presence again."""
         node = self.node()
         node.received(self.message(3, bpwire.encodeFrame(bpwire.JOIN, "a")))
         self.assertEqual(node.presenceWanted, 1, "joined a node in mid-stream: read its presence")
@@ -432,6 +465,8 @@ class PresenceTests(unittest.TestCase):
         self.assertEqual((node.stats.missed, node.presenceWanted), (3, 2))
 
     def test_deadNodesAreForgottenAfterTheirExpiry(self) -> None:
+        """A node is forgotten only once its presence key has gone and it has been silent past its TTL, so its
+        clients stop being counted."""
         node = self.node()
         clock: Clock = node.clock  # type: ignore[assignment]
         node.received(self.message(1, bpwire.encodeFrame(bpwire.JOIN, "a")))
@@ -787,6 +822,8 @@ class RedisBackplaneTests(RedisMixin, unittest.TestCase):
         return defer.Deferred.fromCoroutine(run()).addTimeout(TIMEOUT, reactor)
 
     def test_redisDownAtStart(self) -> defer.Deferred[None]:
+        """A hub started while Redis is down still serves its own clients, logs the outage once, and joins the
+        backplane when Redis comes up."""
         self.redis.kill()
         a = self.startNode()
 

@@ -86,10 +86,25 @@ class ClientInputTests(unittest.TestCase):
             self.addCleanup(client.kill)
             conn, _ = listener.accept()
             self.addCleanup(conn.close)
-            time.sleep(3)
+            read = _stdinReadWhenStill(client.pid, deadline=time.monotonic() + 10)
             self.assertIsNone(client.poll(), "the client gave up")
             peak = _peakRSS(client.pid)
+        self.assertLess(read, 64 * MiB, "the client read all of its input")
         self.assertLess(peak, 100 * MiB, f"the client's memory peaked at {peak / MiB:.0f} MiB")
+
+
+def _stdinReadWhenStill(pid: int, deadline: float) -> int:
+    """How far ``pid`` has read its stdin once that stops moving for half a second (or at ``deadline``)."""
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/fdinfo/0") as f:
+            pos = int(f.readline().split()[1])
+        if pos != last:
+            last, since = pos, time.monotonic()
+        elif time.monotonic() - since >= 0.5:
+            break
+        time.sleep(0.05)
+    return last
 
 
 def _peakRSS(pid: int) -> int:

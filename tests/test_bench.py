@@ -90,6 +90,8 @@ class ReportTests(unittest.TestCase):
         self.assertIn("| tcplab-echo | 100 | — |", report.markdownTable(echo.COLUMNS, alone))
 
     def test_percentileIsNearestRank(self) -> None:
+        """Bench percentiles take the nearest rank of nanosecond samples and report microseconds, as the C client
+        does, and an empty sample reports zero."""
         ordered = [i * 1000 for i in range(1, 101)]
         self.assertEqual(percentile(ordered, 50), 50)
         self.assertEqual(percentile(ordered, 99), 99)

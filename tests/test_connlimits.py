@@ -64,6 +64,8 @@ class LimitTests(SynchronousTestCase):
             self.assertIn(word, reply.message)
 
     def test_totalLimit(self) -> None:
+        """A connection over --max-connections is told to try again later, gets nothing else whatever it sends, is
+        closed after the linger, and a freed slot lets the next one store its file."""
         factory = self.factory(maxConnections=2)
         first, _ = self.connect(factory, v4("10.0.0.1"))
         self.connect(factory, v4("10.0.0.2"))
@@ -82,6 +84,8 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(self.dir)), ["received_a"])
 
     def test_perPeer(self) -> None:
+        """A connection over --max-per-peer from one address is turned away naming the address and the option, while
+        other addresses and freed slots are let in."""
         factory = self.factory(maxPerPeer=2)
         held = [self.connect(factory, v4("10.0.0.1", 40000 + i))[0] for i in range(2)]
         _, transport = self.connect(factory, v4("10.0.0.1", 40009))
@@ -133,6 +137,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(factory.turnedAway, 7)
 
     def test_noLimitsByDefault(self) -> None:
+        """With --max-connections 0 and --max-per-peer 0 hundreds of connections from one address are let in."""
         factory = self.factory()
         transports = [self.connect(factory, v4("10.0.0.1", 40000 + i))[1] for i in range(300)]
         self.assertEqual([t.value() for t in transports], [b""] * 300)
@@ -148,6 +153,7 @@ class LimitTests(SynchronousTestCase):
         self.assertIsNone(peerKey(UNIXAddress(None)))
 
     def test_unixSocketsOnlyCountTowardsTheTotal(self) -> None:
+        """Unix socket connections are limited by --max-connections only, never by the per-peer limit."""
         factory = self.factory(maxConnections=3, maxPerPeer=1)
         transports = [self.connect(factory, UNIXAddress(None))[1] for _ in range(4)]
         self.assertEqual([t.value() for t in transports[:3]], [b""] * 3)
@@ -170,6 +176,8 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(events[-1]["skipped"], factory.unlogged)
 
     def test_options(self) -> None:
+        """By default a file server allows 256 connections and 16 per peer, the options change that, and bad values
+        are one-line usage errors."""
         options = filetap.Options()
         options.parseOptions(["--dir", self.dir])
         self.assertEqual((options["max-connections"], options["max-per-peer"]), (256, 16))
@@ -233,6 +241,8 @@ class LoopbackLimitTests(TestCase):
         return code, out, err
 
     async def test_sendExitsSevenWhenTurnedAway(self) -> None:
+        """tcplab send turned away by the per-peer limit exits 7 with one line naming the option and code, stores
+        nothing, and succeeds once a slot is free."""
         service = self.startServer("--max-per-peer", "2")
         holders = await self.hold(2)
         code, out, err = await self.send("a.txt", "a.txt")
@@ -250,6 +260,7 @@ class LoopbackLimitTests(TestCase):
         self.assertEqual(os.listdir(self.dir), ["received_a.txt"])
 
     async def test_totalLimit(self) -> None:
+        """tcplab send turned away by the total limit exits 7 naming --max-connections."""
         self.startServer("--max-connections", "3", "--max-per-peer", "0")
         await self.hold(3)
         code, _, err = await self.send("a.txt")
@@ -275,6 +286,7 @@ class LoopbackLimitTests(TestCase):
         self.assertEqual(service.factory.perPeer.get("127.0.0.2"), 4)
 
     async def test_uploaderRaisesServerBusy(self) -> None:
+        """An uploader turned away by a full server fails with ServerBusy."""
         self.startServer("--max-connections", "1")
         await self.hold(1)
 

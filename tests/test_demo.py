@@ -11,11 +11,14 @@ from twisted.trial import reporter, unittest
 
 from tcplab.cli import demo
 from tcplab.echo import tap as echotap
+from tcplab.echo.client import EchoClient
 from tests.support import runTcplab, scratch
 
 
 class DemoCommandTests(unittest.TestCase):
     def test_showsTheThreeResults(self) -> None:
+        """tcplab demo runs the three tasks and shows the echo, the 300-client storm, the chat and a file whose
+        checksums match on both sides, then says all passed."""
         folder = scratch(self)
         result = runTcplab("demo", "--dir", folder, timeout=120)
         out = result.stdout.decode()
@@ -54,7 +57,11 @@ class BrokenEchoTap:
 class DemoFailureTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_wrongEchoFailsTheStep(self):  # type: ignore[no-untyped-def]
+        """A task whose echo comes back wrong fails its step with a message naming the task and shows what the client
+        got."""
         self.patch(demo, "echotap", BrokenEchoTap)
+        # The wrong echo never completes, so the step fails at its echo timeout: how long that is is not the point.
+        self.patch(demo, "EchoClient", lambda output, reactor, timeout: EchoClient(output, reactor, 0.3))
         lines: list[str] = []
         d = defer.ensureDeferred(demo.step("Task 1", demo.task1(reactor, lines.append)))
         failure = yield self.assertFailure(d, demo.DemoFailed)
@@ -67,10 +74,12 @@ class ScratchTests(unittest.SynchronousTestCase):
     """Test folders go to the system's temporary folder and go away: none is left in the checkout."""
 
     def test_outsideTheWorkingTreeAndRemoved(self) -> None:
+        """A test's scratch folder is made outside the working tree and removed when the test ends."""
         made: list[str] = []
 
         class Case(unittest.SynchronousTestCase):
             def test_it(self) -> None:
+                """Make a scratch folder (the case ScratchTests runs)."""
                 made.append(scratch(self))
 
         result = reporter.TestResult()

@@ -46,6 +46,8 @@ def connectedClient(timeout: float = 5) -> tuple[EchoClient, StringTransport, Cl
 
 class EchoClientTests(unittest.TestCase):
     def test_doneWhenAllEchoesCameBack(self) -> None:
+        """The echo client sends each line, prints the echoes as they arrive byte by byte, and finishes and closes
+        once every echo is back."""
         client, transport, clock, out = connectedClient()
         client.sendLines([b"hello", b"w\xc3\xb6rld"])
         client.endInput()
@@ -70,6 +72,8 @@ class EchoClientTests(unittest.TestCase):
         self.assertEqual(out, [b"[127.0.0.1:4000] theirs\n", b"mine\n"])
 
     def test_timeoutWhenEchoesMissing(self) -> None:
+        """The echo client fails with a timeout saying how many lines are still due when the echoes stop for
+        --timeout, and not before."""
         client, transport, clock, out = connectedClient(timeout=3)
         client.sendLines([b"a", b"b"])
         client.endInput()
@@ -83,6 +87,7 @@ class EchoClientTests(unittest.TestCase):
         self.assertEqual(failure.value.code, ExitCode.TIMEOUT)
 
     def test_connectionLostWithEchoesDue(self) -> None:
+        """A connection lost with echoes still due fails the client saying how many."""
         client, transport, clock, out = connectedClient()
         client.sendLines([b"a"])
         client.endInput()
@@ -91,6 +96,8 @@ class EchoClientTests(unittest.TestCase):
         self.assertIn("1 echo still due", str(failure.value))
 
     def test_stdinLinesFeedTheClient(self) -> None:
+        """Lines read from stdin in any pieces are sent whole, a last line without a newline gets one, and end of
+        input lets the client finish."""
         client, transport, clock, out = connectedClient()
         lines = InputLines(client)
         lines.dataReceived(b"one\ntw")
@@ -218,6 +225,8 @@ class InputPacingTests(unittest.TestCase):
         self.assertFalse(source.paused)
 
     def test_fullSocketAndDueEchoesAreSeparateReasons(self) -> None:
+        """Reading input stays paused while too many echoes are due even after the socket drains, and resumes once
+        they are back."""
         client, transport, clock, out = connectedClient()
         source = FakeInput()
         client.readFrom(source)  # type: ignore[arg-type]
@@ -233,6 +242,8 @@ class LineBufferTests(unittest.TestCase):
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.binary(max_size=64), max_size=30))
     def test_sameLinesWhateverTheChunks(self, chunks: list[bytes]) -> None:
+        """However the output is chunked, whole lines come out as they complete and the flush gives the rest, byte
+        for byte."""
         buffer = LineBuffer()
         blocks = b"".join(buffer.feed(chunk) for chunk in chunks)
         whole = b"".join(chunks)

@@ -112,11 +112,13 @@ class StorageFaultTests(SynchronousTestCase):
         return reply  # type: ignore[no-any-return]
 
     def test_diskFullMidBody(self) -> None:
+        """A disk that fills mid-body refuses the file as no-space with a message saying the disk is full."""
         reply = self.failMidBody(errno.ENOSPC, trailer=False)
         self.assertEqual(reply.code, "no-space")
         self.assertIn("disk is full", reply.message)
 
     def test_quotaMidBody(self) -> None:
+        """A disk quota exceeded mid-body is refused as no-space too."""
         self.assertEqual(self.failMidBody(errno.EDQUOT, trailer=True).code, "no-space")
 
     def test_ioErrorMidResumableBody(self) -> None:
@@ -241,6 +243,8 @@ class LoopbackFaultTests(TestCase):
         return path
 
     async def test_diskFillsDuringOneOfTwoUploads(self) -> None:
+        """When the disk fills under one of two concurrent uploads, that one is refused as no-space and the other is
+        stored whole, with no space left reserved."""
         big, other = os.urandom(8 << 20), os.urandom(4 << 20)
         store = self.service.store
         failing: list[int] = []
@@ -253,13 +257,15 @@ class LoopbackFaultTests(TestCase):
 
         disk = Disk(store, errno.ENOSPC, 2 << 20, only=isBig)
         bigSend = ensureDeferred(self.uploader().send(self.source("big.bin", big), "big.bin"))
-        otherSend = ensureDeferred(self.uploader().send(self.source("other.bin", other), "other.bin"))
+        otherUploader = self.uploader()
+        otherSend = ensureDeferred(otherUploader.send(self.source("other.bin", other), "other.bin"))
         with self.assertRaises(RefusedByServer) as caught:
             await bigSend
         self.assertIn("(no-space)", str(caught.exception))
         sent = await otherSend
         self.assertEqual(sent.sha256, sha(other))
         self.assertEqual(disk.failed, 1)
+        await otherUploader.close()
         for _ in range(500):
             if not self.service.factory.connections:
                 break
@@ -304,6 +310,8 @@ class KillAndResumeTests(TestCase):
         self.fail(f"the server did not write {cut} bytes of the body: {os.listdir(self.dir)}")
 
     async def test_killedMidUploadThenResumed(self) -> None:
+        """After the server is killed mid-upload nothing appears under a final name, and tcplab send --resume to the
+        restarted server finishes the file from the cut, verified, with no partial left."""
         server = self.startServer()
         cut = 2 << 20
         self.sendPart(server.port, cut)

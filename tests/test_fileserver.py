@@ -115,6 +115,8 @@ class FlowTests(ServerTestCase):
         self.assertEqual(protocol.state, State.HEADER)
 
     def test_severalFiles(self) -> None:
+        """Several files on one connection, with a checksum up front, in a trailer or none, and an empty one, are
+        each stored under the prefixed name and confirmed in order."""
         data = (put("a.txt", b"A" * 10) + put("b.txt", b"B" * 20, trailer=True)
                 + put("c.txt", b"C" * 5, sha256=sha(b"C" * 5)) + put("empty", b""))
         _, transport = self.send(data)
@@ -124,18 +126,22 @@ class FlowTests(ServerTestCase):
         self.assertEqual(self.visible()["received_empty"], b"")
 
     def test_oddNames(self) -> None:
+        """Names with spaces, brackets, Cyrillic letters and equals signs are stored and confirmed exactly as sent,
+        behind the prefix."""
         names = ["report (1) [final].txt", "звіт 2025.txt", "a=b c.txt"]
         _, transport = self.send(b"".join(put(n, n.encode()) for n in names))
         self.assertEqual([r.name for r in self.replies(transport)], ["received_" + n for n in names])
         self.assertEqual(self.visible()["received_звіт 2025.txt"], "звіт 2025.txt".encode())
 
     def test_relativePath(self) -> None:
+        """A relative path puts the file in subfolders, created as needed under the received_ prefix."""
         _, transport = self.send(put("folder/sub/f.txt", b"x") + put("folder/g.txt", b"y"))
         self.assertEqual([r.name for r in self.replies(transport)], ["received_folder/sub/f.txt",
                                                                      "received_folder/g.txt"])
         self.assertEqual(self.visible(), {"received_folder/sub/f.txt": b"x", "received_folder/g.txt": b"y"})
 
     def test_emptyPrefix(self) -> None:
+        """With an empty prefix a file is stored under exactly the name the sender gave."""
         self.factory = self.makeFactory(prefix="")
         _, transport = self.send(put("plain.txt", b"x"))
         self.assertEqual(self.replies(transport)[0].name, "plain.txt")
@@ -161,6 +167,7 @@ class FlowTests(ServerTestCase):
     @given(st.lists(st.integers(1, 40), min_size=1, max_size=60))
     @settings(max_examples=50, deadline=None)
     def test_randomFragments(self, cuts: list[int]) -> None:
+        """However the stream of several files is cut into reads, the server's replies are the same."""
         self.store.fsync = lambda fd: None
         data, expected = self.stream()
         protocol, transport = self.connect()
@@ -174,6 +181,7 @@ class FlowTests(ServerTestCase):
             os.unlink(os.path.join(self.dir, name))
 
     def test_duplicateNameGetsUniqueName(self) -> None:
+        """A second file of the same name is stored as "name (1)" and the first is left as it was."""
         _, transport = self.send(put("report.txt", b"1") + put("report.txt", b"2"))
         self.assertEqual([r.name for r in self.replies(transport)], ["received_report.txt",
                                                                      "received_report (1).txt"])
@@ -201,6 +209,7 @@ class FlowTests(ServerTestCase):
         self.assertEqual(self.hidden(), [])
 
     def test_overwrite(self) -> None:
+        """With overwrite on, a second file of the same name replaces the first."""
         self.store.overwrite = True
         self.send(put("report.txt", b"1"))
         _, transport = self.send(put("report.txt", b"2"))
@@ -208,6 +217,8 @@ class FlowTests(ServerTestCase):
         self.assertEqual(self.visible(), {"received_report.txt": b"2"})
 
     def test_symlinkAtFinalName(self) -> None:
+        """A symlink sitting at the final name is never followed: the file goes to a fresh name and the link's target
+        is untouched."""
         victim = os.path.join(scratch(self), "victim")
         with open(victim, "wb") as f:
             f.write(b"precious")
@@ -218,6 +229,8 @@ class FlowTests(ServerTestCase):
             self.assertEqual(f.read(), b"precious")
 
     def test_token(self) -> None:
+        """With a token set, only a PUT carrying exactly that token is stored; a missing or wrong token, and a STAT
+        without one, are refused as bad-token."""
         self.factory = self.makeFactory(token=b"s3cret")
         _, transport = self.send(put("a", b"1", token="s3cret"))
         self.assertIsInstance(self.replies(transport)[0], Ok)
@@ -246,6 +259,8 @@ class FlowTests(ServerTestCase):
         self.assertEqual(self.hidden(), [])
 
     def test_resumeOnNewConnection(self) -> None:
+        """A file cut off mid-body can be finished from the stored offset on a new connection and ends up whole and
+        verified."""
         data = os.urandom(3000)
         protocol, _ = self.send(formatPut(len(data), "big", sha256=sha(data)) + data[:1000])
         protocol.connectionLost(Failure(Exception("killed")))
@@ -254,6 +269,7 @@ class FlowTests(ServerTestCase):
         self.assertEqual(self.visible(), {"received_big": data})
 
     def test_resumeWithoutPartial(self) -> None:
+        """A resume offset with no partial file to continue is refused as bad-offset and stores nothing."""
         _, transport = self.send(put("big", b"x" * 10, trailer=True, offset=5))
         self.assertRefused(transport, "bad-offset")
         self.assertEqual(self.files(), {})
@@ -308,6 +324,7 @@ class FlowTests(ServerTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_endOfInputAfterReply(self) -> None:
+        """When the sender half-closes after a file, the server closes the connection after its one reply."""
         protocol, transport = self.send(put("a", b"1"))
         protocol.readConnectionLost()
         self.assertTrue(transport.disconnecting)
@@ -322,6 +339,7 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(self.hidden(), [])
 
     def test_headerTooLong(self) -> None:
+        """A header line over the limit is refused as header-too-long, the connection closes and nothing is stored."""
         protocol, transport = self.send(b"PUT 5 " + b"x" * MAX_HEADER)
         self.assertRefused(transport, "header-too-long")
         self.assertEqual(protocol.state, State.CLOSING)
@@ -346,6 +364,8 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(len(self.replies(transport)), 1)
 
     def test_malformedFields(self) -> None:
+        """Headers with a missing, non-numeric, unknown or malformed field are refused as bad-header and store
+        nothing."""
         for line in [b"PUT x 5", b"PUT 5", b"PUT  5 x", b"PUT colour=red 5 x", b"PUT sha256=12 5 x",
                      b"PUT 5x x", b"PUT 1.5 x"]:
             with self.subTest(line=line):
@@ -354,6 +374,8 @@ class BadInputTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_negativeAndHugeSizes(self) -> None:
+        """A negative size is bad-header, a size too big for a number is too-large, and one larger than the free
+        space is no-space, with nothing stored."""
         for line, code in [(b"PUT -1 x", "bad-header"), (b"PUT 99999999999999999999 x", "too-large"),
                            (b"PUT 9223372036854775807 x", "no-space")]:
             with self.subTest(line=line):
@@ -362,6 +384,8 @@ class BadInputTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_traversalAndControlNames(self) -> None:
+        """Names that climb out, are absolute, empty, dots, or hold controls, tabs, backslashes or bidi marks are
+        refused as bad-name with a printable message, and nothing is written anywhere."""
         for name in [b"../escape", b"../../etc/passwd", b"/etc/passwd", b"a/../../b", b"..", b".", b"",
                      b"evil\x1b[2J", b"nul\x00byte", b"tab\tname", b"dir\\..\\x", b"rlo\xe2\x80\xaetxt.exe"]:
             with self.subTest(name=name):
@@ -398,16 +422,20 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(self.hidden(), [])
 
     def test_checksumMismatchUpFront(self) -> None:
+        """A body that does not match the checksum given in the header is refused as checksum-mismatch and not
+        stored."""
         _, transport = self.send(formatPut(5, "a", sha256=sha(b"hellO")) + b"hello")
         self.assertRefused(transport, "checksum-mismatch")
         self.assertNothingStored()
 
     def test_checksumMismatchInTrailer(self) -> None:
+        """A body that does not match the checksum in its trailer is refused as checksum-mismatch and not stored."""
         _, transport = self.send(formatPut(5, "a", trailer=True) + b"hello" + formatTrailer(sha(b"other")))
         self.assertRefused(transport, "checksum-mismatch")
         self.assertNothingStored()
 
     def test_badTrailer(self) -> None:
+        """A trailer that is not a SHA256 line is refused as bad-header and nothing is stored."""
         _, transport = self.send(formatPut(5, "a", trailer=True) + b"helloMD5 1234\n")
         self.assertRefused(transport, "bad-header")
         self.assertNothingStored()
@@ -423,6 +451,7 @@ class BadInputTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_earlyEndOfInputResumableKept(self) -> None:
+        """A file whose sender half-closes mid-body is not made visible but its partial is kept for --resume."""
         protocol, _ = self.send(formatPut(100, "a", trailer=True) + b"x" * 40)
         protocol.readConnectionLost()
         protocol.connectionLost(Failure(Exception("closed")))
@@ -430,17 +459,21 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(len(self.hidden()), 1, "kept for --resume")
 
     def test_endOfInputBeforeTrailer(self) -> None:
+        """A sender that half-closes before its trailer is complete is refused as short-body and nothing becomes
+        visible."""
         protocol, transport = self.send(formatPut(3, "a", trailer=True) + b"abcSHA")
         protocol.readConnectionLost()
         self.assertRefused(transport, "short-body")
         self.assertEqual(self.visible(), {})
 
     def test_endOfInputMidHeader(self) -> None:
+        """A sender that half-closes in the middle of a header line is refused as bad-header."""
         protocol, transport = self.send(b"PUT 3 a")
         protocol.readConnectionLost()
         self.assertRefused(transport, "bad-header")
 
     def test_killedMidBody(self) -> None:
+        """A connection lost mid-body stores nothing and is no longer counted."""
         protocol, transport = self.send(b"PUT 100 a\n" + b"x" * 40)
         protocol.connectionLost(Failure(Exception("reset")))
         self.assertNothingStored()
@@ -455,6 +488,8 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(self.visible(), {"received_a": b"abc"})
 
     def test_httpRequest(self) -> None:
+        """An HTTP request gets one bad-header reply that mentions PUT, and the connection is cut if the client does
+        not go within the linger time."""
         protocol, transport = self.send(b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n")
         error = self.assertRefused(transport, "bad-header")
         self.assertIn("PUT", error.message)
@@ -463,6 +498,7 @@ class BadInputTests(ServerTestCase):
         self.assertTrue(transport.disconnected, "cut off if it does not go away by itself")
 
     def test_tlsClientHello(self) -> None:
+        """A TLS ClientHello sent to the plain server is refused as bad-header."""
         _, transport = self.send(bytes.fromhex("160301020001000200") + os.urandom(500) + b"\n")
         self.assertRefused(transport, "bad-header")
 
@@ -477,6 +513,7 @@ class BadInputTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_idleConnection(self) -> None:
+        """A connection that sends no header within the header timeout is refused as timeout, and not before."""
         self.factory = self.makeFactory(headerTimeout=5)
         _, transport = self.connect()
         self.clock.advance(4.9)
@@ -485,6 +522,8 @@ class BadInputTests(ServerTestCase):
         self.assertRefused(transport, "timeout")
 
     def test_stalledBody(self) -> None:
+        """A body that keeps trickling in is waited for, but one that stalls for the idle timeout is refused as
+        timeout and not stored."""
         self.factory = self.makeFactory(idleTimeout=10)
         protocol, transport = self.send(formatPut(100, "a", trailer=True) + b"x" * 10)
         for _ in range(5):
@@ -511,6 +550,8 @@ class BadInputTests(ServerTestCase):
         self.assertLessEqual(len(os.listdir("/proc/self/fd")), fds)
 
     def test_capCounts(self) -> None:
+        """Past --max-files per connection (a STAT counting as one) further requests are refused as too-many-files
+        and the earlier file stays stored."""
         self.factory = self.makeFactory(maxFiles=2)
         _, transport = self.send(put("a", b"1") + formatStat(1, "b") + put("c", b"3"))
         self.assertRefused(transport, "too-many-files")
@@ -527,6 +568,7 @@ class BadInputTests(ServerTestCase):
         self.assertIsInstance(self.replies(transport)[0], Ok)
 
     def test_noSpaceBeforeBody(self) -> None:
+        """A file larger than the free disk space is refused as no-space before any of its body is written."""
         self.store.freeBytes = lambda: 1000  # type: ignore[method-assign]
         _, transport = self.send(b"PUT 5000 big\n")
         self.assertRefused(transport, "no-space")
@@ -548,6 +590,7 @@ class BadInputTests(ServerTestCase):
         self.assertIsInstance(self.replies(transport)[0], Ok)
 
     def test_fsyncError(self) -> None:
+        """A disk error while syncing the file is refused as io-error and leaves nothing stored."""
         def failing(fd: int) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
@@ -557,6 +600,7 @@ class BadInputTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_inputAfterErrorDropped(self) -> None:
+        """Input after a refusal is discarded without buffering, replying again or storing anything."""
         protocol, transport = self.send(b"BREW coffee\n")
         for _ in range(100):
             protocol.dataReceived(b"PUT 1 x\nx" * 1000)
@@ -582,6 +626,7 @@ class BadInputTests(ServerTestCase):
         self.assertEqual(self.hidden(), [])
 
     def test_errorWhileCommittingWithPeerGone(self) -> None:
+        """A connection lost while its file is still being committed is no longer counted."""
         calls: list[Any] = []
         self.store.runBlocking = lambda f, *args: calls.append((f, args)) or Deferred()  # type: ignore[assignment]
         protocol, _ = self.send(put("a", b"1"))

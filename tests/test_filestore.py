@@ -70,11 +70,13 @@ class StoreTestCase(SynchronousTestCase):
 
 class PlacementTests(StoreTestCase):
     def test_store(self) -> None:
+        """A stored file appears under its name with exactly its bytes and no temporary file is left behind."""
         self.assertEqual(self.upload(("received_a.txt",), b"hello"), "received_a.txt")
         self.assertEqual(self.read("received_a.txt"), b"hello")
         self.assertEqual(hidden(self.dir), [])
 
     def test_modeFollowsUmask(self) -> None:
+        """A stored file gets the permissions the umask allows, as any file the user creates would."""
         self.upload(("f",), b"x")
         mask = os.umask(0)
         os.umask(mask)
@@ -91,6 +93,8 @@ class PlacementTests(StoreTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_clashGetsUniqueName(self) -> None:
+        """Each further file of a taken name is stored as "name (1)", "name (2)" and so on, leaving the earlier ones
+        as they were."""
         self.assertEqual(self.upload(("received_report.txt",), b"1"), "received_report.txt")
         self.assertEqual(self.upload(("received_report.txt",), b"2"), "received_report (1).txt")
         self.assertEqual(self.upload(("received_report.txt",), b"3"), "received_report (2).txt")
@@ -98,6 +102,7 @@ class PlacementTests(StoreTestCase):
         self.assertEqual(self.read("received_report (2).txt"), b"3")
 
     def test_clashFail(self) -> None:
+        """With clash set to fail, a taken name raises NameTaken, keeps the old file and leaves no temporary file."""
         self.upload(("a",), b"1")
         with self.assertRaises(NameTaken):
             self.upload(("a",), b"2", clash=Clash.FAIL)
@@ -117,12 +122,15 @@ class PlacementTests(StoreTestCase):
         self.assertTrue(os.path.islink(os.path.join(self.dir, "received_x")))
 
     def test_overwrite(self) -> None:
+        """With overwrite on, a file of a taken name replaces the old one under the same name."""
         store = self.makeStore(overwrite=True)
         self.upload(("a",), b"old", store=store)
         self.assertEqual(self.upload(("a",), b"new", store=store), "a")
         self.assertEqual(self.read("a"), b"new")
 
     def test_overwriteReplacesSymlinkItself(self) -> None:
+        """Overwriting a name that is a symlink replaces the link with the file and never writes to the link's
+        target."""
         victim = os.path.join(scratch(self), "victim")
         with open(victim, "wb") as f:
             f.write(b"precious")
@@ -133,6 +141,7 @@ class PlacementTests(StoreTestCase):
             self.assertEqual(f.read(), b"precious")
 
     def test_overwriteRespectsClashFail(self) -> None:
+        """Even with overwrite on, clash set to fail still refuses a taken name."""
         store = self.makeStore(overwrite=True)
         self.upload(("a",), b"old", store=store)
         with self.assertRaises(NameTaken):
@@ -148,12 +157,15 @@ class PlacementTests(StoreTestCase):
         self.assertEqual(hidden(self.dir), [])
 
     def test_subfolders(self) -> None:
+        """A path stores the file in subfolders created as needed, and a clash there gets a unique name in the same
+        folder."""
         self.assertEqual(self.upload(("received_top", "sub", "f.txt"), b"1"), "received_top/sub/f.txt")
         self.assertEqual(self.upload(("received_top", "sub", "f.txt"), b"2"), "received_top/sub/f (1).txt")
         self.assertEqual(self.read("received_top", "sub", "f.txt"), b"1")
         self.assertEqual(hidden(self.dir), [])
 
     def test_symlinkedFolderNotFollowed(self) -> None:
+        """A symlinked folder on the path is refused as PathBlocked and nothing is written where it points."""
         outside = scratch(self)
         os.symlink(os.path.abspath(outside), os.path.join(self.dir, "received_top"))
         with self.assertRaises(PathBlocked):
@@ -162,6 +174,8 @@ class PlacementTests(StoreTestCase):
         self.assertEqual(hidden(self.dir), [])
 
     def test_exists(self) -> None:
+        """exists() is true for stored files, folders and dangling links, false for missing names, and refuses a path
+        through a symlinked folder."""
         self.upload(("received_top", "f.txt"), b"x")
         os.symlink("/etc", os.path.join(self.dir, "link"))
         os.symlink("/nonexistent", os.path.join(self.dir, "dangling"))
@@ -187,6 +201,8 @@ class PlacementTests(StoreTestCase):
         self.assertEqual(hidden(self.dir), [])
 
     def test_uniqueNameFitsLimit(self) -> None:
+        """A unique name keeps the extension after the " (n)" and never grows past the file system's name limit, even
+        for long multibyte names."""
         self.assertEqual(uniqueName("report.txt", 1), "report (1).txt")
         self.assertEqual(uniqueName(".bashrc", 3), ".bashrc (3)")
         self.assertEqual(uniqueName("archive.tar.gz", 2), "archive.tar (2).gz")
@@ -210,6 +226,7 @@ class PlacementTests(StoreTestCase):
         self.assertEqual(self.read("big"), data)
 
     def test_clashAtLongestName(self) -> None:
+        """A clash on a name of the longest allowed length still gets a unique name that fits the limit."""
         name = "x" * MAX_NAME_BYTES
         self.upload((name,), b"1")
         stored = self.upload((name,), b"2")
@@ -227,6 +244,8 @@ class FailureTests(StoreTestCase):
         return fail
 
     def test_writeError(self) -> None:
+        """A disk error while writing is raised with the system's reason in its message, and aborting leaves the
+        folder empty."""
         self.store.write = self.failing(errno.EIO)
         upload = result(self.store.begin(("a",), 5, 0, False))
         with self.assertRaises(StoreIOError) as caught:
@@ -236,24 +255,29 @@ class FailureTests(StoreTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_diskFullWhileWriting(self) -> None:
+        """A full disk while writing is raised as NoSpace."""
         self.store.write = self.failing(errno.ENOSPC)
         upload = result(self.store.begin(("a",), 5, 0, False))
         with self.assertRaises(NoSpace):
             upload.write(b"hello")
 
     def test_fsyncError(self) -> None:
+        """A disk error while syncing the file fails the upload and leaves the folder empty."""
         self.store.fsync = self.failing(errno.EIO)
         with self.assertRaises(StoreIOError):
             self.upload(("a",), b"hello")
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_linkError(self) -> None:
+        """A disk error while linking the file into place fails the upload and leaves the folder empty."""
         self.store.link = self.failing(errno.EIO)
         with self.assertRaises(StoreIOError):
             self.upload(("a",), b"hello")
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_folderFsyncErrorUndoesTheLink(self) -> None:
+        """A disk error while syncing the folder undoes the link, so a file that may not survive a crash is not left
+        visible."""
         calls = []
 
         def fsync(fd: int) -> None:
@@ -289,12 +313,15 @@ class FailureTests(StoreTestCase):
         self.assertIn("send it again", caught.exception.message)
 
     def test_noSpaceBeforeTheBody(self) -> None:
+        """An upload larger than the free space is refused as NoSpace before anything is written."""
         self.store.freeBytes = lambda: 1000  # type: ignore[method-assign]
         with self.assertRaises(NoSpace):
             result(self.store.begin(("a",), 1001, 0, False))
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_spaceReservedForUploadsUnderWay(self) -> None:
+        """Space promised to an upload under way counts against the next one, and is given back when the upload is
+        aborted."""
         self.store.freeBytes = lambda: 1000  # type: ignore[method-assign]
         first = result(self.store.begin(("a",), 600, 0, False))
         with self.assertRaises(NoSpace):
@@ -304,6 +331,7 @@ class FailureTests(StoreTestCase):
         self.assertEqual(self.store.reserved, 0)
 
     def test_storageErrorsCarryCodes(self) -> None:
+        """Each storage error carries the error code the client will see on the wire."""
         self.assertEqual({c.code.value for c in (NoSpace, NameTaken, BadOffset, StoreIOError, StorageError)},
                          {"no-space", "exists", "bad-offset", "io-error"})
         self.assertEqual(PathBlocked.code.value, "bad-name")
@@ -319,6 +347,8 @@ class PartialTests(StoreTestCase):
         return upload
 
     def test_keptForResume(self) -> None:
+        """An interrupted resumable upload is kept as a hidden .partial file whose length and hash of what arrived
+        are reported for resuming."""
         upload = self.interrupted(("a",), 1000)
         self.assertEqual(hidden(self.dir), [upload.tempName])
         self.assertTrue(upload.tempName.endswith(".partial"))
@@ -327,6 +357,7 @@ class PartialTests(StoreTestCase):
         self.assertEqual(held.sha256, hashlib.sha256(self.data[:1000]).hexdigest())
 
     def test_nothingHeld(self) -> None:
+        """No partial is offered when there is none, when the size differs, or for another name."""
         self.assertIsNone(result(self.store.held(("a",), 10)))
         self.interrupted(("a",), 10)
         self.assertIsNone(result(self.store.held(("a",), 11)), "another size is another file")
@@ -344,6 +375,7 @@ class PartialTests(StoreTestCase):
         self.assertEqual(hidden(self.dir), [])
 
     def test_resumeWithHeldPrefix(self) -> None:
+        """Resuming from a held partial continues its hash, so the finished file's checksum covers every byte."""
         self.interrupted(("a",), 1000)
         held = result(self.store.held(("a",), len(self.data)))
         upload = result(self.store.begin(("a",), len(self.data), 1000, True, held))
@@ -351,6 +383,7 @@ class PartialTests(StoreTestCase):
         self.assertEqual(upload.sha256(), hashlib.sha256(self.data).hexdigest())
 
     def test_resumeBeyondHeld(self) -> None:
+        """An offset past what the partial holds is refused as BadOffset, keeps the partial and reserves no space."""
         self.interrupted(("a",), 100)
         with self.assertRaises(BadOffset):
             result(self.store.begin(("a",), len(self.data), 200, True))
@@ -358,6 +391,7 @@ class PartialTests(StoreTestCase):
         self.assertEqual(self.store.reserved, 0)
 
     def test_resumeWithoutPartial(self) -> None:
+        """A resume offset with no partial on disk is refused as BadOffset and writes nothing."""
         with self.assertRaises(BadOffset):
             result(self.store.begin(("a",), 10, 5, True))
         self.assertEqual(os.listdir(self.dir), [])
@@ -374,6 +408,8 @@ class PartialTests(StoreTestCase):
         second.abort()
 
     def test_plantedSymlinkAtPartialName(self) -> None:
+        """A symlink planted at the partial's name is not resumed from or written through, so its target is
+        untouched."""
         victim = os.path.join(scratch(self), "victim")
         with open(victim, "wb") as f:
             f.write(b"precious")
@@ -386,6 +422,8 @@ class PartialTests(StoreTestCase):
             self.assertEqual(f.read(), b"precious")
 
     def test_plantedHardLinkAtPartialName(self) -> None:
+        """A hard link planted at the partial's name is not resumed from, and aborting leaves the linked file
+        untouched."""
         victim = os.path.join(self.dir, "victim")
         with open(victim, "wb") as f:
             f.write(b"precious")
@@ -398,6 +436,7 @@ class PartialTests(StoreTestCase):
             self.assertEqual(f.read(), b"precious")
 
     def test_checksumFailureDiscardsPartial(self) -> None:
+        """An upload aborted because its checksum failed leaves no partial behind."""
         upload = result(self.store.begin(("a",), 10, 0, True))
         upload.write(b"x" * 10)
         upload.abort(keep=False)
@@ -406,6 +445,8 @@ class PartialTests(StoreTestCase):
 
 class CleanupTests(StoreTestCase):
     def test_staleRemoved(self) -> None:
+        """Cleaning removes only the server's own old partials and leftovers, keeping fresh ones, ones in use and a
+        user's own .partial file."""
         old = PartialTests.interrupted(self, ("a",), 10)  # type: ignore[arg-type]
         temp = result(self.store.begin(("b",), 10, 0, False))
         os.close(os.open(os.path.join(self.dir, ".tcplab-leftover.tmp"), os.O_CREAT | os.O_WRONLY, 0o600))
@@ -428,6 +469,8 @@ class HashRangeTests(SynchronousTestCase):
     """The one loop both the server (a kept partial) and the client (before resuming) hash with."""
 
     def test_hashesTheFirstBytes(self) -> None:
+        """hashRange hashes exactly the first bytes asked for at any chunk size, leaves the file position alone, and
+        fails with EIO if the file is shorter."""
         data = os.urandom(3000)
         path = os.path.join(scratch(self), "f")
         with open(path, "wb") as f:
@@ -444,5 +487,6 @@ class HashRangeTests(SynchronousTestCase):
         self.assertEqual(caught.exception.errno, errno.EIO)
 
     def test_serverAndClientShareIt(self) -> None:
+        """The server and the sender hash a resumed prefix with the same function, so they agree on it."""
         self.assertIs(filestore.hashRange, hashing.hashRange)
         self.assertIs(fileclient.hashRange, hashing.hashRange)

@@ -84,15 +84,19 @@ class ParseRequestTests(SynchronousTestCase):
         self.assertEqual(parseRequest(b"PUT 123 important_secret_file.txt"), Put(123, "important_secret_file.txt"))
 
     def test_carriageReturnDropped(self) -> None:
+        """A header ending in CRLF, as telnet or nc -C send it, is read as if it ended in LF."""
         self.assertEqual(parseRequest(b"PUT 1 a.txt\r"), Put(1, "a.txt"))
 
     def test_allOptions(self) -> None:
+        """A PUT with checksum (in any case), offset, token and clash options parses into all of them, and only the
+        bytes after the offset are expected."""
         request = parseRequest(f"PUT sha256={SHA.upper()} offset=3 token=t0k clash=fail 10 my file.txt".encode())
         self.assertEqual(request, Put(10, "my file.txt", sha256=SHA, offset=3, token="t0k", clash=Clash.FAIL))
         self.assertTrue(request.hashed)
         self.assertEqual(request.bodySize, 7)
 
     def test_trailer(self) -> None:
+        """sha256=trailer means the checksum comes after the body rather than up front."""
         request = parseRequest(b"PUT sha256=trailer 5 x")
         self.assertTrue(request.trailer)
         self.assertIsNone(request.sha256)
@@ -102,9 +106,11 @@ class ParseRequestTests(SynchronousTestCase):
         self.assertEqual(parseRequest(b"PUT 5 12 a=b c").name, "12 a=b c")
 
     def test_zeroSize(self) -> None:
+        """A PUT of size zero is a valid empty file."""
         self.assertEqual(parseRequest(b"PUT 0 empty").size, 0)
 
     def test_stat(self) -> None:
+        """A STAT request parses its token, size and a name with spaces."""
         self.assertEqual(parseRequest(b"STAT token=x 99 a b"), Stat(99, "a b", "x"))
 
     def test_malformed(self) -> None:
@@ -191,20 +197,24 @@ class ParseRequestTests(SynchronousTestCase):
             self.assertEqual(request, expected)
 
     def test_unwritableNames(self) -> None:
+        """The sender refuses to write a header for a name with a line break, a lone surrogate or too many bytes."""
         for name in ["line\nbreak", "lone \ud800 surrogate", "x" * 5000]:
             with self.subTest(name=name[:10]), self.assertRaises(WireError):
                 formatPut(1, name)
 
     def test_statRoundTrip(self) -> None:
+        """A STAT the sender formats is read back by the server exactly."""
         self.assertEqual(parseRequest(formatStat(7, "a b", "tok")[:-1]), Stat(7, "a b", "tok"))
 
 
 class TrailerTests(SynchronousTestCase):
     def test_roundTrip(self) -> None:
+        """A SHA256 trailer the sender writes is read back, and one in upper case or ending in CR is accepted too."""
         self.assertEqual(parseTrailer(formatTrailer(SHA)[:-1]), SHA)
         self.assertEqual(parseTrailer(f"SHA256 {SHA.upper()}\r".encode()), SHA)
 
     def test_bad(self) -> None:
+        """An empty, short, lower-case, non-SHA256 or double-spaced trailer is refused."""
         for line in [b"", b"SHA256", b"SHA256 " + b"0" * 63, b"sha256 " + SHA.encode(), b"MD5 " + SHA.encode(),
                      b"SHA256  " + SHA.encode()]:
             with self.subTest(line=line), self.assertRaises(WireError):
@@ -220,6 +230,7 @@ class NameTests(SynchronousTestCase):
                 self.assertEqual(storedParts((name,), "received_"), ("received_" + name,))
 
     def test_hostileNamesRefused(self) -> None:
+        """Every hostile name is refused as bad-name with a printable message."""
         for name in HOSTILE_NAMES:
             with self.subTest(name=name):
                 with self.assertRaises(WireError) as caught:
@@ -228,10 +239,12 @@ class NameTests(SynchronousTestCase):
                 self.assertTrue(caught.exception.message.isprintable())
 
     def test_relativePath(self) -> None:
+        """A relative path splits into its folders and only the top part gets the prefix."""
         self.assertEqual(checkPath("folder/sub dir/file.txt"), ("folder", "sub dir", "file.txt"))
         self.assertEqual(storedParts(("folder", "f"), "received_"), ("received_folder", "f"))
 
     def test_tooDeep(self) -> None:
+        """A path deeper than the folder limit is refused."""
         with self.assertRaises(WireError):
             checkPath("/".join(["d"] * 65))
 
@@ -254,6 +267,7 @@ class NameTests(SynchronousTestCase):
         checkPart("received_")
 
     def test_prefixStaysOnePart(self) -> None:
+        """A prefix that would climb out or add a folder is refused as bad-name."""
         for prefix in ("../escaped_", "sub/", "a\\b"):
             with self.subTest(prefix=prefix), self.assertRaises(WireError) as caught:
                 storedParts(("a.txt",), prefix)
@@ -285,10 +299,13 @@ class NameTests(SynchronousTestCase):
 
 class EscapeTests(SynchronousTestCase):
     def test_plainNamesUnchanged(self) -> None:
+        """Ordinary names are shown exactly as they are."""
         for name in ORDINARY_NAMES[:4]:
             self.assertEqual(escapeName(name), name)
 
     def test_escapes(self) -> None:
+        """Terminal escapes, line breaks, bidi marks, backslashes and undecodable bytes in names are shown as visible
+        escapes."""
         self.assertEqual(escapeName("a\x1b[31mb"), "a\\x1b[31mb")
         self.assertEqual(escapeName("x\ny"), "x\\x0ay")
         self.assertEqual(escapeName("gpj\u202eexe"), "gpj\\u202eexe")
@@ -298,6 +315,7 @@ class EscapeTests(SynchronousTestCase):
     @given(st.text())
     @settings(deadline=None)
     def test_roundTripAndPrintable(self, name: str) -> None:
+        """Any name escapes to printable text that unescapes back to the same name."""
         escaped = escapeName(name)
         self.assertTrue(escaped.isprintable())
         self.assertEqual(unescapeName(escaped), name)
@@ -305,20 +323,25 @@ class EscapeTests(SynchronousTestCase):
 
 class ReplyTests(SynchronousTestCase):
     def test_ok(self) -> None:
+        """An OK reply carries the size, checksum and stored name (spaces and brackets included) and reads back the
+        same."""
         line = formatOk(5, SHA, "received_report (1).txt")
         self.assertEqual(line, f"OK 5 {SHA} received_report (1).txt\n".encode())
         self.assertEqual(parseReply(line[:-1]), Ok(5, SHA, "received_report (1).txt"))
 
     def test_okNameEscapedOnTheWire(self) -> None:
+        """An invisible character in a stored name is escaped on the wire and restored by the sender."""
         line = formatOk(1, SHA, "zero\u200bwidth")
         self.assertNotIn("\u200b".encode(), line)
         self.assertEqual(parseReply(line[:-1]).name, "zero\u200bwidth")
 
     def test_errAndHave(self) -> None:
+        """ERR and HAVE replies read back to their code, message, length and checksum."""
         self.assertEqual(parseReply(formatErr(ErrorCode.EXISTS, "x exists")[:-1]), Err("exists", "x exists"))
         self.assertEqual(parseReply(formatHave(0, EMPTY_SHA256)[:-1]), Have(0, EMPTY_SHA256))
 
     def test_errMessageOneSafeLine(self) -> None:
+        """An error message is sent as one short line with no line breaks or terminal escapes, however it was built."""
         line = formatErr(ErrorCode.BAD_NAME, "a\nb\x1b[2J" + "x" * 1000)
         self.assertEqual(line.count(b"\n"), 1)
         self.assertNotIn(b"\x1b", line)
@@ -333,6 +356,7 @@ class ReplyTests(SynchronousTestCase):
         self.assertNotIn(b"\\\\", line)
 
     def test_garbageReply(self) -> None:
+        """Empty, HTTP, short or malformed replies are refused by the sender."""
         for line in [b"", b"HTTP/1.1 200 OK", b"OK 5", b"OK x " + SHA.encode() + b" n", b"HAVE 1", b"ERR"]:
             with self.subTest(line=line), self.assertRaises(WireError):
                 parseReply(line)
@@ -340,6 +364,7 @@ class ReplyTests(SynchronousTestCase):
 
 class TokenTests(SynchronousTestCase):
     def test_token(self) -> None:
+        """A token is trimmed of surrounding whitespace, and empty, spaced, tabbed or overlong tokens are refused."""
         self.assertEqual(checkToken("  s3cret\n"), "s3cret")
         for bad in ["", " \n", "two words", "tab\there", "x" * 2000]:
             with self.subTest(bad=bad), self.assertRaises(ValueError):
@@ -356,13 +381,17 @@ class LoadTokenTests(SynchronousTestCase):
         return path
 
     def test_fromFile(self) -> None:
+        """A --token-file wins over $TCPLAB_TOKEN."""
         self.assertEqual(loadToken(self.write(b"s3cret\n"), {"TCPLAB_TOKEN": "other"}), "s3cret")
 
     def test_fromEnvironment(self) -> None:
+        """Without a token file the token comes trimmed from $TCPLAB_TOKEN, and there is none if it is unset."""
         self.assertEqual(loadToken(None, {"TCPLAB_TOKEN": " s3cret "}), "s3cret")
         self.assertIsNone(loadToken(None, {}))
 
     def test_problemsAreOneKindOfError(self) -> None:
+        """Every problem loading a token (unreadable, spaced, not UTF-8 or empty file, bad or empty variable, empty
+        option) is one printable error saying what is wrong."""
         missing = os.path.join(scratch(self), "missing\x1b")
         cases = [
             (missing, {}, "cannot read --token-file '" + escapeName(missing) + "': No such file or directory"),

@@ -181,11 +181,15 @@ class FileProtocolFuzzTests(SynchronousTestCase):
     @FUZZ
     @given(fileChunks, cuts, st.integers(0, 3).map(lambda n: n == 0), st.sampled_from(["half-close", "abort"]))
     def test_arbitraryStreams(self, stream: bytes, fractions: Cuts, token: bool, ending: str) -> None:
+        """Any stream of file requests, cut anywhere, with or without a token, ending in a half-close or an abort,
+        keeps buffers bounded, sends nothing after an ERR and leaves no timer or stray file."""
         self.run_(stream, fractions, token, ending)
 
     @FUZZ
     @given(st.binary(max_size=6000), cuts)
     def test_rawBytes(self, stream: bytes, fractions: Cuts) -> None:
+        """Arbitrary bytes sent to the file server in any pieces keep buffers bounded, end any ERR with a close and
+        store only files that match their OK."""
         self.run_(stream, fractions, False, "half-close")
 
     def test_examplesThatMustWork(self) -> None:
@@ -257,6 +261,8 @@ class MultiProtocolFuzzTests(SynchronousTestCase):
     @FUZZ
     @given(st.lists(multiAction, max_size=40))
     def test_arbitraryClients(self, actions: list[tuple[str, int, bytes]]) -> None:
+        """Any mix of clients joining, sending, draining, idling and dropping keeps every limit, sends only whole
+        lines made of what was sent, and leaves no client or timer behind."""
         clock = Clock()
         config = HubConfig(sendQueue=SEND_QUEUE, maxClients=5, maxLine=MAX_LINE, idleTimeout=30, noticeLimit=3,
                            closeGrace=2)

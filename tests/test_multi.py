@@ -65,6 +65,7 @@ def chat(text: str) -> bytes:
 
 class EchoAndBroadcastTests(unittest.TestCase):
     def test_ownLinesComeBackExactly(self) -> None:
+        """A sender gets its own bytes back exactly as typed, controls, bad UTF-8 and blank lines included."""
         room = Room()
         a, ta = room.connect()
         room.connect()
@@ -73,6 +74,8 @@ class EchoAndBroadcastTests(unittest.TestCase):
         self.assertEqual(ta.take(), data)
 
     def test_othersGetEveryLinePrefixedAndEscaped(self) -> None:
+        """Everyone else sees each line once, prefixed with the sender's name, with line ends made LF and controls
+        escaped."""
         room = Room()
         a, _ = room.connect()
         _, tb = room.connect()
@@ -94,6 +97,7 @@ class EchoAndBroadcastTests(unittest.TestCase):
         self.assertEqual(tb.take(), b"<127.0.0.1:40001> x\\x0d<admin> give me your password\n")
 
     def test_partialLineWaitsForItsEnd(self) -> None:
+        """Nothing is echoed or broadcast until a line's end arrives, even when CR and LF come in separate reads."""
         room = Room()
         a, ta = room.connect()
         _, tb = room.connect()
@@ -162,6 +166,7 @@ class EchoAndBroadcastTests(unittest.TestCase):
 
 class NoticeTests(unittest.TestCase):
     def test_welcomeJoinAndLeave(self) -> None:
+        """A newcomer is welcomed with its name and the head count, and the others are told who joined and who left."""
         room = Room()
         a, ta = room.connect(quiet=False)
         self.assertEqual(ta.take(), b"* welcome, you are 127.0.0.1:40001 (1 connected; /help lists the commands)\n")
@@ -184,6 +189,8 @@ class NoticeTests(unittest.TestCase):
         self.assertEqual(ta.take(), b"")
 
     def test_defaultNamesAreUnique(self) -> None:
+        """Default names differ for every client, even two from the same address and port, and a unix socket path
+        never puts an escape byte in a name."""
         room = Room()
         u1, _ = room.connect(UNIXAddress(None))
         u2, _ = room.connect(UNIXAddress(b"/tmp/x\x1b.sock"))
@@ -204,12 +211,15 @@ class CommandTests(unittest.TestCase):
         self.b, self.tb = self.room.connect()
 
     def test_nick(self) -> None:
+        """/nick renames the sender, confirms it, tells the others, and later lines carry the new name."""
         self.a.dataReceived(b"/nick alice\nhi\n")
         self.assertEqual(self.ta.take(), b"/nick alice\n* you are now alice\nhi\n")
         self.assertEqual(self.tb.take(), b"* 127.0.0.1:40001 is now alice\n<alice> hi\n")
         self.assertEqual(self.a.name, "alice")
 
     def test_nickRejected(self) -> None:
+        """Empty, too long, spaced, colon, non-ASCII or control names are refused with a one-line error nobody else
+        sees, and a 32-character name is accepted."""
         for bad in (b"", b"a" * 33, b"al ice", b"al:ice", b"\xc3\xa9", b"a\x1b"):
             self.a.dataReceived(b"/nick " + bad + b"\n")
             reply = self.ta.take().split(b"\n")[1]
@@ -221,6 +231,8 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(self.a.name, "a" * 32)
 
     def test_nickUniqueIgnoringCase(self) -> None:
+        """A name taken in another case is refused, its owner may change its case, and it is free again once its
+        owner leaves."""
         self.a.dataReceived(b"/nick alice\n")
         self.tb.take()
         self.b.dataReceived(b"/nick ALICE\n")
@@ -232,6 +244,7 @@ class CommandTests(unittest.TestCase):
         self.assertIn(b"* you are now alice\n", self.tb.take())
 
     def test_who(self) -> None:
+        """/who (in any case) lists everyone connected, by name, to the asker only."""
         self.b.dataReceived(b"/nick bob\n")
         self.ta.take()
         self.a.dataReceived(b"/WHO\n")
@@ -239,6 +252,7 @@ class CommandTests(unittest.TestCase):
         self.assertNotIn(b"WHO", self.tb.take())
 
     def test_whoIsBounded(self) -> None:
+        """/who in a crowded room names the first hundred and says how many more there are."""
         room = Room(noticeLimit=0)
         clients = [room.connect() for _ in range(WHO_LIMIT + 5)]
         client, transport = clients[0]
@@ -248,6 +262,7 @@ class CommandTests(unittest.TestCase):
         self.assertTrue(reply.endswith(b", and 5 more"))
 
     def test_quit(self) -> None:
+        """/quit says bye, closes the connection, tells the others why the client left, and nothing after it is sent."""
         self.a.dataReceived(b"bye all\n/quit\nnever sent\n")
         self.assertEqual(self.ta.take(), b"bye all\n/quit\n* bye\n")
         self.assertTrue(self.ta.disconnecting)
@@ -256,6 +271,8 @@ class CommandTests(unittest.TestCase):
         self.assertEqual((self.ta.value(), self.tb.value()), (b"", b""))
 
     def test_helpAndUnknown(self) -> None:
+        """/help lists the commands, and an unknown command (or a lone slash) gets a one-line error pointing at /help
+        that the others never see."""
         self.a.dataReceived(b"/help\n/frobnicate now\n/\n")
         lines = self.ta.take().split(b"\n")
         self.assertEqual(lines[0], b"/help")
@@ -266,11 +283,13 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(self.tb.take(), b"")
 
     def test_doubleSlashSendsASlashLine(self) -> None:
+        """A line starting with // is sent to the others as a chat line beginning with one slash."""
         self.a.dataReceived(b"//usr/bin\r\n")
         self.assertEqual(self.ta.take(), b"//usr/bin\r\n")
         self.assertEqual(self.tb.take(), b"<127.0.0.1:40001> /usr/bin\n")
 
     def test_parseCommand(self) -> None:
+        """Only a single leading slash makes a command, its name is case-insensitive and its argument is trimmed."""
         self.assertIsNone(parseCommand(b"hello"))
         self.assertIsNone(parseCommand(b"//x"))
         command = parseCommand(b"/NICK   bob \t")
@@ -280,6 +299,8 @@ class CommandTests(unittest.TestCase):
 
 class LimitTests(unittest.TestCase):
     def test_maxClients(self) -> None:
+        """A client over --max-clients is told the server is full and closed without the others noticing, and a freed
+        slot admits the next one."""
         room = Room(maxClients=2)
         a, ta = room.connect()
         _, tb = room.connect()
@@ -295,6 +316,8 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(room.hub.connections, 2)
 
     def test_lineTooLong(self) -> None:
+        """A line over --max-line gets a one-line error naming the limit and disconnects its sender after the lines
+        before it are delivered, and the others are told why it left."""
         room = Room(maxLine=10)
         a, ta = room.connect()
         _, tb = room.connect()
@@ -337,6 +360,8 @@ class LimitTests(unittest.TestCase):
         self.assertFalse(ta.disconnecting)
 
     def test_idleTimeout(self) -> None:
+        """A client silent for --idle-timeout seconds is told and disconnected, while any line it sends restarts its
+        clock."""
         room = Room(idleTimeout=10)
         a, ta = room.connect()
         b, tb = room.connect()
@@ -355,6 +380,7 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(room.hub.stats.idle, 1)
 
     def test_idleTimeoutOff(self) -> None:
+        """Without --idle-timeout a silent client is never disconnected and no timer is kept for it."""
         room = Room()
         _, ta = room.connect()
         room.clock.advance(1e6)
@@ -382,6 +408,8 @@ class SlowReaderTests(unittest.TestCase):
     LIMIT = 10_000
 
     def test_slowListenerIsDroppedOthersGetEverything(self) -> None:
+        """A listener that stops reading is dropped, told why, once its queue would pass --send-queue, while everyone
+        else gets every line and a client that never goes is aborted after the grace period."""
         room = Room(sendQueue=self.LIMIT)
         a, ta = room.connect()
         slow, tslow = room.connect()
@@ -416,6 +444,7 @@ class SlowReaderTests(unittest.TestCase):
         self.assertTrue(tslow.disconnected, "aborted if it does not go within the grace period")
 
     def test_slowListenerThatCatchesUpStays(self) -> None:
+        """A listener that falls behind but catches up in time is kept and gets every line in order."""
         room = Room(sendQueue=self.LIMIT, bufferSize=3000)
         a, _ = room.connect()
         b, tb = room.connect()
@@ -429,6 +458,7 @@ class SlowReaderTests(unittest.TestCase):
         self.assertEqual(tb.value(), (b"<127.0.0.1:40001> " + line) * 100)
 
     def test_queueIsExactAndFitsToTheByte(self) -> None:
+        """A listener whose queue reaches --send-queue exactly is kept, and one byte more drops it."""
         room = Room(sendQueue=self.LIMIT)
         a, _ = room.connect()
         b, tb = room.connect()
@@ -442,6 +472,8 @@ class SlowReaderTests(unittest.TestCase):
         self.assertTrue(tb.disconnecting)
 
     def test_senderNotReadingItsEchoesIsPausedNotDropped(self) -> None:
+        """A sender that does not read its own echoes is paused rather than dropped, loses nothing, and is read from
+        again once it catches up."""
         room = Room(sendQueue=self.LIMIT)
         a, ta = room.connect(bufferSize=4096)
         _, tb = room.connect()
@@ -534,6 +566,8 @@ class SendQueueTests(unittest.TestCase):
 
 class EscapingTests(unittest.TestCase):
     def test_controlsEscapedTextKept(self) -> None:
+        """Controls, bad UTF-8, C1, bidi and separator characters and backslashes are escaped while ordinary text and
+        emoji pass unchanged, and every escape reverses."""
         cases = {
             b"plain ascii, tab\there": b"plain ascii, tab\there",
             b"cr\rlf": b"cr\\x0dlf",
@@ -552,12 +586,15 @@ class EscapingTests(unittest.TestCase):
             self.assertEqual(unescapeLine(escaped), raw)
 
     def test_plainAsciiIsTheSameObject(self) -> None:
+        """A line with nothing to escape is passed on without being copied."""
         line = b"nothing to escape here"
         self.assertIs(escapeLine(line), line)
 
     @settings(max_examples=500, deadline=None)
     @given(st.one_of(st.binary(max_size=200), st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass"))))
     def test_escapedIsSafeAndReversible(self, raw: bytes) -> None:
+        """Any line of bytes escapes to UTF-8 text with no control, separator or bidi character, and unescapes back
+        to the same bytes."""
         escaped = escapeLine(raw)
         self.assertEqual(unescapeLine(escaped), raw)
         text = escaped.decode("utf-8")
@@ -597,6 +634,8 @@ class EscapingTests(unittest.TestCase):
 
 class ShutdownTests(unittest.TestCase):
     def test_clientsAreToldThenClosed(self) -> None:
+        """On shutdown every client gets what was queued for it and then a notice before it is closed, latecomers are
+        turned away, nobody hears leave notices, and the stop completes once all are gone."""
         room = Room(bufferSize=100)
         a, ta = room.connect()
         b, tb = room.connect()
@@ -620,6 +659,7 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(tb.value().count(b"left"), 0, "nobody is told about leaves while stopping")
 
     def test_stuckClientsDoNotHoldTheStop(self) -> None:
+        """A client that does not go on shutdown is aborted after the grace period so the stop still completes."""
         room = Room()
         _, ta = room.connect()
         d = room.hub.shutdown()
@@ -629,11 +669,13 @@ class ShutdownTests(unittest.TestCase):
         self.successResultOf(d)
 
     def test_nobodyConnected(self) -> None:
+        """Shutting down an empty hub completes at once."""
         self.successResultOf(Room().hub.shutdown())
 
 
 class LogAndStatsTests(unittest.TestCase):
     def test_statsCountWhatHappened(self) -> None:
+        """The stats count connected, joined and refused clients, lines and bytes in, and the bytes sent out."""
         room = Room(maxClients=2)
         a, _ = room.connect()
         room.connect()
@@ -663,6 +705,8 @@ class LogAndStatsTests(unittest.TestCase):
 
 class OptionsAndServiceTests(unittest.TestCase):
     def test_defaults(self) -> None:
+        """With no options tcplab-multi listens on TCP port 7001 with a 1 MiB send queue, 64 KiB lines, no client or
+        idle limit and a stats line every minute."""
         options = multitap.Options()
         options.parseOptions([])
         self.assertEqual(options["port"], 7001)
@@ -675,12 +719,15 @@ class OptionsAndServiceTests(unittest.TestCase):
         self.assertEqual(options.endpointDescriptions()[0].split(":backlog=")[0], "tcp:7001")
 
     def test_badValuesAreOneLineErrors(self) -> None:
+        """Bad option values, and --listen combined with --port, are rejected with one-line usage errors."""
         for argv in (["--send-queue", "lots"], ["--max-clients", "-1"], ["--max-line", "0"],
                      ["--idle-timeout", "x"], ["--stats-interval", "-5"], ["--listen", "tcp:1", "--port", "2"]):
             error = self.assertRaises(usage.UsageError, multitap.Options().parseOptions, argv)
             self.assertNotIn("\n", str(error))
 
     def test_statsLineEveryInterval(self) -> None:
+        """A stats line is logged every --stats-interval seconds, one more at stop, and none after it, with the open
+        files limit logged at start."""
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--stats-interval", "30"])
         reactor = MemoryReactorClock()
@@ -700,6 +747,7 @@ class OptionsAndServiceTests(unittest.TestCase):
         self.assertEqual(len([e for e in events if "stats:" in e.get("log_format", "")]), 2, "one more at stop")
 
     def test_statsOff(self) -> None:
+        """--stats-interval 0 logs no stats lines and keeps no timer."""
         options = multitap.Options()
         options.parseOptions(["--port", "0", "--stats-interval", "0"])
         reactor = MemoryReactorClock()
@@ -709,6 +757,7 @@ class OptionsAndServiceTests(unittest.TestCase):
         self.successResultOf(service.stopService())
 
     def test_makeService(self) -> None:
+        """The twistd plugin's service is named tcplab-multi and listens where --listen says."""
         options = multitap.Options()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
         service = multitap.makeService(options)

@@ -231,6 +231,8 @@ class EchoCommandTests(ServerMixin, unittest.TestCase):
         return process.ended.addErrback(lambda _: -1)
 
     def test_messagesComeBack(self) -> defer.Deferred[None]:
+        """tcplab echo against the hub shows the welcome, its own lines and the /who reply, and another client sees
+        the line."""
         port = self.port(self.startServer())
 
         async def run() -> None:

@@ -17,6 +17,7 @@ NAMES = {"tcplab-echo", "tcplab-multi", "tcplab-file"}
 
 class PluginDiscoveryTests(unittest.TestCase):
     def test_getPlugins(self) -> None:
+        """twistd finds the tcplab plugins, each with options it can parse."""
         found = {p.tapname: p for p in getPlugins(IServiceMaker)}
         self.assertTrue(NAMES <= set(found), sorted(found))
         for name in NAMES:
@@ -35,6 +36,7 @@ class TacFileTests(unittest.TestCase):
     """``twistd -ny tac/NAME.tac`` builds the same server as the plugin, with the documented port."""
 
     def test_eachTacFileBuildsItsServer(self) -> None:
+        """Each tac file builds its one server, named for its wing and listening on its usual port."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for name, port in (("echo", 7000), ("multi", 7001), ("file", 9000)):
             application = service.loadApplication(os.path.join(root, "tac", f"{name}.tac"), "python")

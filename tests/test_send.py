@@ -174,6 +174,7 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(self.stored("received_big.bin"), data)
 
     async def test_resumeNothingHeld(self) -> None:
+        """--resume with nothing held on the server sends the whole file from the start."""
         path = self.source("a.txt", b"abc")
         sent = await self.uploader(resume=True).send(path, "a.txt")
         self.assertEqual((sent.resumedAt, sent.stored), (0, "received_a.txt"))
@@ -250,6 +251,8 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(self.stored("received_x"), data)
 
     async def test_clashNaming(self) -> None:
+        """Sending the same name twice stores the second under a unique " (1)" name, even when the name already has
+        brackets."""
         uploader = self.uploader()
         path = self.source("report (1) [final].txt", b"v1")
         first = await uploader.send(path, "report (1) [final].txt")
@@ -258,6 +261,8 @@ class FlowTests(LoopbackTestCase):
                          ("received_report (1) [final].txt", "received_report (1) [final] (1).txt"))
 
     async def test_noRename(self) -> None:
+        """With --no-rename a taken name fails as AlreadyExists and stores nothing, and the next file still goes
+        through on a new connection."""
         path = self.source("a.txt", b"v1")
         await self.uploader().send(path, "a.txt")
         uploader = self.uploader(clash=Clash.FAIL)
@@ -269,6 +274,8 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(uploader.connections, 2, "a new connection after the refusal")
 
     async def test_symlinkPlanted(self) -> None:
+        """A symlink planted at the destination name is not written through: the file is stored under a unique name
+        and the link's target is untouched."""
         victim = self.source("victim", b"precious")
         os.symlink(victim, os.path.join(self.dir, "received_a.txt"))
         sent = await self.uploader().send(self.source("a.txt", b"evil"), "a.txt")
@@ -277,6 +284,7 @@ class FlowTests(LoopbackTestCase):
             self.assertEqual(f.read(), b"precious")
 
     async def test_overwrite(self) -> None:
+        """Against a server run with --overwrite, a second send of a name replaces the file."""
         directory = scratch(self)
         self.startServer("--overwrite", directory=directory)
         uploader = self.uploader()
@@ -287,6 +295,8 @@ class FlowTests(LoopbackTestCase):
             self.assertEqual(f.read(), b"new")
 
     async def test_token(self) -> None:
+        """Against a server with --token-file, a send without the token is refused with a message naming the token, a
+        wrong token is refused, and the right one is stored."""
         tokenFile = self.source("token", b"s3cret\n")
         self.startServer("--token-file", tokenFile, directory=self.dir)
         path = self.source("a", b"x")
@@ -299,6 +309,7 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(sent.stored, "received_a")
 
     async def test_maxSize(self) -> None:
+        """A file over the server's --max-size is refused as too-large and nothing is stored."""
         self.startServer("--max-size", "1K", directory=self.dir)
         with self.assertRaises(RefusedByServer) as caught:
             await self.uploader().send(self.source("big", os.urandom(2 << 20)), "big")
@@ -306,6 +317,8 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
     async def test_writeErrorServerKeepsServing(self) -> None:
+        """A disk error on the server refuses that send as io-error, stores nothing, and the server goes on accepting
+        the next file."""
         store = self.service.store
 
         def failing(fd: int, data: Any) -> int:
@@ -321,6 +334,7 @@ class FlowTests(LoopbackTestCase):
         self.assertEqual(sent.stored, "received_b")
 
     async def test_tenConcurrentUploads(self) -> None:
+        """Ten uploads of a quarter mebibyte each at once all arrive whole."""
         contents = {f"c{i}": os.urandom(256 * 1024 + i) for i in range(10)}
         sends = [ensureDeferred(self.uploader().send(self.source(n, d), n)) for n, d in contents.items()]
         results = await DeferredList(sends, fireOnOneErrback=True, consumeErrors=True)
@@ -380,6 +394,7 @@ class FlowTests(LoopbackTestCase):
         self.assertTrue(out.startswith(b"ERR too-large "), out)
 
     async def test_localFileMissing(self) -> None:
+        """Sending a file that does not exist fails as a local file error."""
         with self.assertRaises(LocalFileError):
             await self.uploader().send(os.path.join(self.src, "nope"), "nope")
 
@@ -537,6 +552,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(code, 2)
 
     async def test_connectionRefused(self) -> None:
+        """tcplab send to a port nobody listens on exits 3 and says the connection was refused."""
         self.source("a", b"x")
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
@@ -547,6 +563,8 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertIn("refused", err)
 
     async def test_localFileProblems(self) -> None:
+        """A missing file, or a folder without -r, exits 6 with a message naming the file or pointing at -r, and
+        nothing is sent."""
         _, err, code = await self.run_("--port", str(self.port), "missing.txt")
         self.assertEqual(code, 6)
         self.assertIn("missing.txt", err)
@@ -557,6 +575,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertEqual(os.listdir(self.dir), [])
 
     async def test_refused(self) -> None:
+        """A file the server refuses (too large) exits 7 with the server's reason."""
         self.startServer("--max-size", "10", directory=self.dir)
         self.source("big", b"x" * 11)
         _, err, code = await self.run_("--port", str(self.port), "big")
@@ -564,6 +583,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertIn("too-large", err)
 
     async def test_badToken(self) -> None:
+        """A wrong TCPLAB_TOKEN exits 7 with bad-token, and the right one exits 0."""
         self.service.factory.token = b"right"
         self.source("a", b"x")
         _, err, code = await self.run_("--port", str(self.port), "a", env={"TCPLAB_TOKEN": "wrong"})
@@ -598,6 +618,7 @@ class ExitCodeTests(LoopbackTestCase):
                 self.assertIn("(bad-name)", err)
 
     async def test_alreadyExists(self) -> None:
+        """--no-rename on a name already stored exits 8 saying it exists."""
         self.source("a.txt", b"x")
         await self.run_("--port", str(self.port), "a.txt")
         _, err, code = await self.run_("--port", str(self.port), "--no-rename", "a.txt")
@@ -612,17 +633,20 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertNotIn("\x1b", out + err)
 
     async def test_connectionLost(self) -> None:
+        """A server that closes mid-transfer exits 4 with a hint to use --resume."""
         self.source("a", b"abc")
         _, err, code = await self.run_("--port", str(self.fake("close")), "a")
         self.assertEqual(code, 4)
         self.assertIn("--resume", err)
 
     async def test_timedOut(self) -> None:
+        """A server that never answers exits 5 after --timeout."""
         self.source("a", b"abc")
         _, _, code = await self.run_("--port", str(self.fake("silent")), "--timeout", "0.5", "a")
         self.assertEqual(code, 5)
 
     async def test_hostileErrorMessage(self) -> None:
+        """A server error message with terminal escapes is shown escaped, so it cannot control the user's terminal."""
         self.source("a", b"abc")
         _, err, code = await self.run_("--port", str(self.fake("escape")), "a")
         self.assertEqual(code, 7)
@@ -665,6 +689,7 @@ class ExitCodeTests(LoopbackTestCase):
         self.assertIn("docs/pipe: not a regular file", err)
 
     async def test_severalFailuresSummarised(self) -> None:
+        """When several files fail, each failure is reported and a summary says how many of how many failed."""
         self.source("a", b"1")
         self.source("b", b"2")
         await self.run_("--port", str(self.port), "a", "b")
@@ -724,6 +749,8 @@ class ClientProtocolTests(SynchronousTestCase):
         return self.client.put(formatPut(11, "h", trailer=True), "h", self.fd, 0, 11, self.hasher, "h")
 
     def test_sendsHeaderBodyTrailer(self) -> None:
+        """The sender writes the header, the body and a SHA256 trailer, and reports the server's OK with the
+        connection still usable."""
         d = self.put()
         self.assertEqual(self.transport.value(),
                          formatPut(11, "h", trailer=True) + b"hello world" + formatTrailer(sha(b"hello world")))
@@ -753,6 +780,8 @@ class ClientProtocolTests(SynchronousTestCase):
         return transport
 
     def test_errorCodesMapToExitCodes(self) -> None:
+        """Each server error code becomes the matching kind of failure (and so exit code), unknown codes included,
+        and keeps its code."""
         for code, kind in [("exists", AlreadyExists), ("checksum-mismatch", VerificationFailed),
                            ("timeout", TimedOut), ("short-body", ConnectionLostError), ("bad-name", RefusedByServer),
                            ("io-error", RefusedByServer), ("some-future-code", RefusedByServer)]:
@@ -762,11 +791,13 @@ class ClientProtocolTests(SynchronousTestCase):
                 self.assertEqual(serverCode(error), code)
 
     def test_garbageReply(self) -> None:
+        """A reply that is not the file protocol fails the send saying the peer is not a tcplab-file server."""
         d = self.put()
         self.client.dataReceived(b"HTTP/1.1 400 Bad Request\r\n")
         self.assertIn("tcplab-file server", str(self.failureResultOf(d, RefusedByServer).value))
 
     def test_endlessReplyLine(self) -> None:
+        """A reply line that never ends fails the send and closes the connection instead of buffering forever."""
         d = self.put()
         for _ in range(10):
             self.client.dataReceived(b"x" * 1000)
@@ -795,6 +826,8 @@ class ClientProtocolTests(SynchronousTestCase):
                     self.assertTrue(self.client.usable)
 
     def test_timeout(self) -> None:
+        """A server that does not reply within the timeout fails the send as timed out and closes the connection, not
+        before."""
         d = self.put()
         self.clock.advance(9.9)
         self.assertNoResult(d)
@@ -885,6 +918,7 @@ class ClientProtocolTests(SynchronousTestCase):
                 self.assertIn(expected, str(self.failureResultOf(d, TimedOut).value))
 
     def test_connectionLost(self) -> None:
+        """A connection lost while waiting for the reply fails the send as a lost connection."""
         d = self.put()
         self.client.connectionLost(Failure(Exception("reset")))
         self.failureResultOf(d, ConnectionLostError)
@@ -897,6 +931,8 @@ class ClientProtocolTests(SynchronousTestCase):
         self.failureResultOf(d, RefusedByServer)
 
     def test_unaskedErrorMakesConnectionUnusable(self) -> None:
+        """An error the server sends unasked (such as an idle timeout) marks the connection unusable for further
+        files."""
         self.client.dataReceived(formatErr(ErrorCode.TIMEOUT, "idle"))
         self.assertFalse(self.client.usable)
 

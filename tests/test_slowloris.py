@@ -43,6 +43,8 @@ class EchoIdleTimeoutTests(unittest.SynchronousTestCase):
         return protocol, transport
 
     def test_idleConnectionClosed(self) -> None:
+        """An echo connection silent for --idle-timeout is closed cleanly, echoes nothing more, is aborted if it does
+        not go within the grace, and leaves no timer behind."""
         clock = Clock()
         factory = EchoFactory(idleTimeout=10, clock=clock)
         protocol, transport = self.connect(factory)
@@ -88,6 +90,8 @@ class EchoIdleTimeoutTests(unittest.SynchronousTestCase):
         self.assertIs(type(EchoFactory(idleTimeout=1, clock=clock).buildProtocol(None)), TimedEcho)
 
     def test_twistdOption(self) -> None:
+        """The echo server's --idle-timeout is off by default, cuts a silent client after the given seconds, and bad
+        values are one-line errors naming the option."""
         options = echotap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1"])
         self.assertEqual(options["idle-timeout"], 0)
@@ -159,6 +163,8 @@ class LoopbackCase(unittest.TestCase):
 
 class FileTricklerTests(LoopbackCase):
     async def test_headersTrickledAreCutOffWhileAnUploadGoesThrough(self) -> None:
+        """Many clients trickling a header byte by byte are each cut off with one timeout line after --header-
+        timeout, while a normal upload goes through alongside them."""
         folder, src = scratch(self), scratch(self)
         options = filetap.Options()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--dir", folder, "--header-timeout", "1",
@@ -240,6 +246,8 @@ class MultiTricklerTests(LoopbackCase):
 
 class EchoIdleLoopbackTests(LoopbackCase):
     async def test_idleCutOffActiveKept(self) -> None:
+        """Over loopback an idle echo client is cut off after --idle-timeout while one that keeps sending is kept
+        until it stops."""
         options = echotap.Options()
         options.parseOptions(["--port", "0", "--interface", "127.0.0.1", "--idle-timeout", "0.5"])
         service = echotap.EchoService(options)

@@ -44,11 +44,13 @@ class EchoOverTLSTests(unittest.TestCase):
         self.addCleanup(self.server.stop)
 
     def test_trustedWithTLSFlag(self) -> None:
+        """tcplab echo --tls with the server's CA gets its line back over TLS."""
         result = runTcplab("echo", "--tls", "--ca", self.certs["ca"], "--host", "localhost",
                            "--port", str(self.server.port), "hello")
         self.assertEqual((result.returncode, result.stdout), (0, b"hello\n"), result.stderr)
 
     def test_trustedWithConnectString(self) -> None:
+        """tcplab echo with --ca and a tls: connect string gets its line back over TLS."""
         result = runTcplab("echo", "--ca", self.certs["ca"],
                            "--connect", f"tls:host=127.0.0.1:port={self.server.port}", "hello")
         self.assertEqual((result.returncode, result.stdout), (0, b"hello\n"), result.stderr)
@@ -71,6 +73,7 @@ class EchoOverTLSTests(unittest.TestCase):
         self.assertIn(b"use tls:host=", result.stderr)
 
     def test_caOptionErrors(self) -> None:
+        """--ca without TLS, or a --ca file that cannot be read, is a usage error saying so."""
         result = runTcplab("echo", "--ca", self.certs["ca"], "hi")
         self.assertEqual(result.returncode, ExitCode.USAGE)
         result = runTcplab("echo", "--tls", "--ca", "/nonexistent.pem", "hi")
@@ -128,6 +131,7 @@ class MultiOverTLSTests(unittest.TestCase):
         return listener
 
     async def test_chatOverTLS(self) -> None:
+        """A client connecting to the hub over TLS is welcomed and its line reaches the other clients."""
         listener = await self.listen()
         code, out, err = await tcplab("echo", "--timeout", "3", "--tls", "--ca", self.certs["ca"], "--host",
                                       "localhost", "--port", str(self.server.port), "hello over tls")
@@ -140,6 +144,7 @@ class MultiOverTLSTests(unittest.TestCase):
 
 
     async def test_connectString(self) -> None:
+        """A tls: connect string reaches the hub over TLS too."""
         code, out, err = await tcplab("echo", "--timeout", "3", "--ca", self.certs["ca"], "--connect",
                                       f"tls:host=127.0.0.1:port={self.server.port}", "hi")
         self.assertEqual(code, 0, err)
@@ -147,6 +152,8 @@ class MultiOverTLSTests(unittest.TestCase):
 
 
     async def test_untrustedCertificateIsRefused(self) -> None:
+        """A server certificate from another CA, or with no CA given, fails the connection with one line saying it is
+        not trusted and nothing is sent."""
         for ca in (["--ca", self.certs["other-ca"]], []):
             code, out, err = await tcplab("echo", "--timeout", "3", *ca, "--connect",
                                           f"tls:host=localhost:port={self.server.port}", "hi")
@@ -174,6 +181,7 @@ class FileOverTLSTests(unittest.TestCase):
         return sorted(name for name in os.listdir(self.dir) if not name.startswith(".tcplab-"))
 
     async def test_sendOverTLS(self) -> None:
+        """tcplab send --tls delivers the file over TLS, prints its checksum and stores it whole."""
         code, out, err = await tcplab("send", "--quiet", "--tls", "--ca", self.certs["ca"], "--host", "localhost",
                                       "--port", str(self.server.port), "secret.bin", cwd=self.src)
         self.assertEqual((code, err), (0, b""))
@@ -182,6 +190,7 @@ class FileOverTLSTests(unittest.TestCase):
             self.assertEqual(f.read(), self.data)
 
     async def test_connectStringWithResume(self) -> None:
+        """tcplab send --resume over a tls: connect string stores the file."""
         code, out, err = await tcplab("send", "--quiet", "--resume", "--ca", self.certs["ca"], "--connect",
                                       f"tls:host=127.0.0.1:port={self.server.port}", "secret.bin", cwd=self.src)
         self.assertEqual((code, err), (0, b""))
