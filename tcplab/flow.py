@@ -150,11 +150,15 @@ class TurnWrites:
             self.flush()
 
     def flush(self) -> None:
+        if self._parts:
+            self.transport.write(self.take())
+
+    def take(self) -> bytes:
+        """The gathered bytes, forgotten here (for a closing client, to write them with what follows)."""
         parts = self._parts
-        if parts:
-            self._parts = []
-            self._size = 0
-            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._parts = []
+        self._size = 0
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class WriteTurns:

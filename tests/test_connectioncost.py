@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from tcplab.echo.server import ConnectionLog, Echo, EchoFactory
 from tcplab.flow import TurnWrites, WriteTurns
-from tcplab.multi.hub import HubConfig, MultiHub
+from tcplab.multi.hub import HubClient, HubConfig, MultiHub
 from tests.test_multi import FlowTransport
 
 
@@ -163,3 +163,43 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds, lambda: None)
+
+
+class RecordedClient(HubClient):
+    """Notes whether the connection was closed, with no grace timer, by the time readConnectionLost returned."""
+
+    def readConnectionLost(self) -> None:
+        super().readConnectionLost()
+        self.factory.closedAtOnce.callback(  # type: ignore[attr-defined]
+            bool(self.transport.disconnected) and self._abort is None)  # type: ignore[attr-defined]
+
+
+class HubHalfCloseTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_halfCloseWithNothingOwedClosesAtOnce(self):  # type: ignore[no-untyped-def]
+        """A hub client that half-closes after its last line gets that line's echo, then the close in the same turn."""
+        hub = MultiHub(HubConfig(), clock=reactor)
+        hub.protocol = RecordedClient
+        hub.closedAtOnce = defer.Deferred()  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, hub, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        sock.sendall(b"last words")  # no line end: the half-close ends the line
+        sock.shutdown(socket.SHUT_WR)
+        closedAtOnce = yield hub.closedAtOnce  # type: ignore[attr-defined]
+        self.assertTrue(closedAtOnce)
+        got = b""
+        for _ in range(500):  # at most 5 s
+            yield deferLater(0.01)
+            try:
+                chunk = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        self.assertTrue(got.startswith(b"* welcome, you are 127.0.0.1:"), got)
+        self.assertTrue(got.endswith(b"\nlast words"), got)
+        self.assertEqual(hub.connections, 0)

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tcplab.escaping import escapeLine, escapeText
-from tcplab.flow import WriteTurns
+from tcplab.flow import WriteTurns, plainSocket, writeNow
 from tcplab.interfaces import StreamTransport, globalReactor
 from tcplab.multi.backplane import STATS_FORMAT, Backplane
 from tcplab.multi.sendqueue import SendQueue
@@ -176,7 +176,7 @@ class HubClient(Protocol, TimeoutMixin):
         if self.closing:
             return
         self._endOfInput()
-        self.close(Leaving.CLOSED)
+        self.close(Leaving.CLOSED, atEnd=True)
 
     def writeConnectionLost(self) -> None:
         """The client stopped reading; what it sends still counts until it closes."""
@@ -372,11 +372,14 @@ class HubClient(Protocol, TimeoutMixin):
         self.close(Leaving.TOO_SLOW, serverLine(f"too slow: over {limit} bytes waiting for you (--send-queue); "
                                                 "disconnecting"))
 
-    def close(self, leaving: Leaving, line: bytes | None = None) -> None:
+    def close(self, leaving: Leaving, line: bytes | None = None, atEnd: bool = False) -> None:
         """Leave the hub now, send ``line`` (best effort) and disconnect, forcibly after the grace period.
 
         For a client dropped as too slow, what was queued for it is thrown away
-        at once; otherwise it goes out before ``line``.
+        at once; otherwise it goes out before ``line``. At the end of the client's
+        input (``atEnd``: nothing is left unread), over a plain socket, once every byte
+        it is owed is in the kernel (which sends it before the FIN) the connection is
+        closed at once, as Twisted would a turn later, and no grace timer is needed.
         """
         if self.closing:
             return
@@ -386,20 +389,35 @@ class HubClient(Protocol, TimeoutMixin):
         self._partial = bytearray()
         hub.leave(self, leaving)
         transport = self.transport
+        owed: list[bytes] = []
         if self.queue is not None:
-            flush = getattr(self.queue.transport, "flush", None)
-            if flush is not None:
-                flush()  # what this turn gave the queue goes out before what is written directly
+            take = getattr(self.queue.transport, "take", None)
+            if take is not None:
+                owed.append(take())  # what this turn gave the queue goes out before what is written directly
             pending = self.queue.takeAll() if leaving.flush else []
             self.queue.clear()
             transport.unregisterProducer()
             for chunk in pending:
                 self.queue.written += len(chunk)
-                transport.write(chunk)
+            owed += pending
         if line:
-            transport.write(line)
+            owed.append(line)
+        sock = plainSocket(transport)
+        data = b"".join(owed)
+        if data:
+            if sock is not None and not transport.disconnecting:  # type: ignore[attr-defined]
+                writeNow(transport, sock, data)
+            else:
+                transport.write(data)
+        if atEnd and sock is not None and not transport.dataBuffer and not transport._tempDataLen:  # type: ignore[attr-defined]
+            transport.connectionLost(_CLOSED)  # type: ignore[attr-defined]
+            return
         transport.loseConnection()
         self._abort = hub.clock.callLater(hub.config.closeGrace, transport.abortConnection)
+
+
+#: The reason a connection closed at the end of its input is given, made once (as Twisted makes its own).
+_CLOSED = Failure(ConnectionDone())
 
 
 def _ignoreTimeout(failure: Failure) -> None:
@@ -583,10 +601,18 @@ class MultiHub(_HubFactoryBase):
         try:
             while self._later:
                 data, sender = self._later.popleft()
+                size = len(data)
                 for client in list(self.members):
-                    # deliver(), inlined: a storm makes this the hub's innermost loop. A member always has
-                    # a queue; one dropped earlier in this pass is no member any more.
-                    if client is not sender and client.member and not client.queue.offer(data):  # type: ignore[union-attr]
+                    # deliver() and SendQueue.offer(), inlined for a queue that is not paused: a storm makes
+                    # this the hub's innermost loop. A member always has a queue; one dropped earlier in this
+                    # pass is no member any more.
+                    if client is sender or not client.member:
+                        continue
+                    queue = client.queue
+                    if not queue.paused:  # type: ignore[union-attr]
+                        queue.written += size  # type: ignore[union-attr]
+                        queue.transport.write(data)  # type: ignore[union-attr]
+                    elif not queue.offer(data):  # type: ignore[union-attr]
                         client._tooSlow()
         finally:
             self._broadcasting = False
