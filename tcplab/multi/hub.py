@@ -5,9 +5,9 @@ Fan-out is built to never wait for the slowest client. Each client has a
 limit with another client's line is told and dropped, and the others go on.
 A client's own echoes never get it dropped: while the server cannot send to a
 client, it stops reading from it (as tcplab-echo does), so its echoes wait in
-its socket, not in the server. The wire format is in :mod:`tcplab.multiwire`.
+its socket, not in the server. The wire format is in :mod:`tcplab.multi.wire`.
 
-With a backplane (:mod:`tcplab.backplane`), several hubs are one room: what a
+With a backplane (:mod:`tcplab.multi.backplane`), several hubs are one room: what a
 hub's clients produce is also handed to the backplane, once, already escaped,
 and what other hubs' clients produce comes back through :meth:`MultiHub.deliverRemote`
 into the same send queues; names, counts and ``/who`` cover every hub.
