@@ -204,22 +204,22 @@ class ByteOrderTests(RealServerCase):
 
 class IdleReaderTests(unittest.TestCase):
     def test_slowReaderIsNotIdle(self) -> None:
-        """With ``--idle-timeout 0.5``, a client that sent 2 MiB and then only reads, slowly (50 KB/s),
-        for 2 s is not cut off, though most of its echo waits in the server's socket buffer meanwhile;
+        """With ``--idle-timeout 1``, a client that sent 2 MiB and then only reads, slowly (50 KB/s),
+        for 3 s is not cut off, though most of its echo waits in the server's socket buffer meanwhile;
         once it stops reading too, it is cut off."""
-        server = ServerProcess("tcplab-echo", "--port", "0", "--interface", "127.0.0.1", "--idle-timeout", "0.5")
+        server = ServerProcess("tcplab-echo", "--port", "0", "--interface", "127.0.0.1", "--idle-timeout", "1")
         self.addCleanup(server.stop)
         drain(server)
 
         def cut() -> bool:
-            return any("idle for 0.5s" in line for line in server.log)
+            return any("idle for 1s" in line for line in server.log)
 
         data = os.urandom(2 * MiB)
         got = bytearray()
         with tcpClient(server.port, rcvbuf=16 * KiB) as sock:
             exchange = Exchange(sock, got.extend)
             exchange.run(data, readSize=1024, halfClose=False, deadline=10, until=lambda: True)
-            readingUntil = time.monotonic() + 2
+            readingUntil = time.monotonic() + 3
             exchange.run(b"", readSize=1024, halfClose=False, pace=0.02,
                          until=lambda: cut() or time.monotonic() > readingUntil)
             self.assertFalse(cut(), f"cut off while reading, after {len(got)} of {len(data)} bytes")
