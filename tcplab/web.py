@@ -194,6 +194,13 @@ def asset(package: str, name: str) -> bytes:
     return files(package).joinpath("static", name).read_bytes()
 
 
+def _setHeaders(request: IRequest, contentType: bytes) -> None:
+    """The content type and the security headers every response of a page carries."""
+    request.setHeader(b"Content-Type", contentType)
+    for key, value in SECURITY_HEADERS.items():
+        request.setHeader(key, value)
+
+
 class Asset(Resource):
     """One file of the page, read once at start-up (package data), with the security headers."""
 
@@ -209,9 +216,7 @@ class Asset(Resource):
         return self.body
 
     def render_HEAD(self, request: IRequest) -> bytes:
-        request.setHeader(b"Content-Type", self.contentType)
-        for key, value in SECURITY_HEADERS.items():
-            request.setHeader(key, value)
+        _setHeaders(request, self.contentType)
         return b""
 
 
@@ -225,9 +230,7 @@ class Counters(Resource):
         self.read = read
 
     def render_GET(self, request: IRequest) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        for key, value in SECURITY_HEADERS.items():
-            request.setHeader(key, value)
+        _setHeaders(request, b"application/json")
         return json.dumps(self.read()).encode("ascii")
 
 
